@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Fetch the pinned llama.cpp source into ``<repo>/llama.cpp``.
+
+The llama.cpp source is never committed. The sdist of ``llama-cpp-python``
+0.3.36 vendors llama.cpp at a known commit, and a package registry is the
+only thing reachable from our machines, so we take the source from there:
+download the sdist with pip, check its SHA-256, and extract only
+``vendor/llama.cpp``.
+
+Idempotent: when ``llama.cpp/.xybrid-pin`` already names the pinned commit the
+script does nothing. The meson build calls it when the folder is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_COMMIT = "0c1e57098"
+VENDOR_PREFIX = "vendor/llama.cpp/"
+PIN_FILE = ".xybrid-pin"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_sdist(workdir: Path) -> Path:
+    cache = os.environ.get("XYBRID_SDIST_CACHE")
+    if cache:
+        candidate = Path(cache) / f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+        if candidate.is_file() and _sha256(candidate) == SDIST_SHA256:
+            return candidate
+    # --no-build-isolation: pip prepares the sdist's metadata before saving it;
+    # in an isolated env it would try to build cmake from source first.
+    # The backend it needs is scikit-build-core, whose metadata hook is cheap.
+    try:
+        import scikit_build_core  # noqa: F401
+    except ImportError:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "scikit-build-core"],
+            check=True,
+        )
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "download", "--quiet",
+            "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+            "--dest", str(workdir), f"{SDIST_NAME}=={SDIST_VERSION}",
+        ],
+        check=True,
+    )
+    matches = list(workdir.glob("llama_cpp_python-*.tar.gz"))
+    if len(matches) != 1:
+        raise SystemExit(f"expected one sdist in {workdir}, found {matches}")
+    return matches[0]
+
+
+def _extract_vendor(sdist: Path, dest: Path) -> None:
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar.getmembers():
+            # Members look like "llama_cpp_python-0.3.36/vendor/llama.cpp/...".
+            _, _, inner = member.name.partition("/")
+            if not inner.startswith(VENDOR_PREFIX) or not (member.isfile() or member.isdir()):
+                continue
+            relative = inner[len(VENDOR_PREFIX):]
+            if not relative or ".." in Path(relative).parts:
+                continue
+            target = staging / relative
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            with source, target.open("wb") as out:
+                shutil.copyfileobj(source, out)
+            os.chmod(target, member.mode & 0o777 | 0o600)
+    (staging / PIN_FILE).write_text(f"{LLAMA_CPP_COMMIT}\n{SDIST_NAME}=={SDIST_VERSION}\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+
+
+def is_current(dest: Path) -> bool:
+    pin = dest / PIN_FILE
+    return pin.is_file() and pin.read_text().split()[:1] == [LLAMA_CPP_COMMIT]
+
+
+def fetch(dest: Path, force: bool = False) -> Path:
+    if is_current(dest) and not force:
+        return dest
+    with tempfile.TemporaryDirectory(prefix="xybrid-llama-") as tmp:
+        sdist = _download_sdist(Path(tmp))
+        actual = _sha256(sdist)
+        if actual != SDIST_SHA256:
+            raise SystemExit(
+                f"{sdist.name}: SHA-256 mismatch (expected {SDIST_SHA256}, got {actual})"
+            )
+        _extract_vendor(sdist, dest)
+    return dest
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=REPO_ROOT / "llama.cpp")
+    parser.add_argument("--force", action="store_true", help="fetch even when up to date")
+    parser.add_argument("--print-commit", action="store_true", help="print the pinned commit")
+    args = parser.parse_args()
+    if args.print_commit:
+        print(LLAMA_CPP_COMMIT)
+        return 0
+    fetch(args.dest.resolve(), force=args.force)
+    print(args.dest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
