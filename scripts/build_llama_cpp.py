@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Build the llama.cpp shared libraries that xybrid links against.
+
+Called by meson as a custom target. It configures CMake once per build
+directory (again only when the options change), builds just the targets we
+need (llama, ggml backends, mtmd) and copies the resulting libraries into
+meson's output folder, touching a file only when its bytes changed so that an
+unchanged llama.cpp does not relink the extension.
+
+All libraries are built with an RPATH of ``$ORIGIN`` and without versioned
+SONAMEs, so the installed package loads the copies that sit beside the
+extension and never a system libllama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cmake_args(source: Path, native: bool, cuda: bool, build_type: str) -> list[str]:
+    args = [
+        f"-DCMAKE_BUILD_TYPE={build_type}",
+        "-DBUILD_SHARED_LIBS=ON",
+        # Only the libraries: no tools, tests, server or the common helpers.
+        "-DLLAMA_BUILD_COMMON=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_TOOLS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_BUILD_MTMD=ON",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_SUBPROCESS=OFF",
+        f"-DGGML_NATIVE={'ON' if native else 'OFF'}",
+        f"-DGGML_CUDA={'ON' if cuda else 'OFF'}",
+        # Plain libfoo.so names and $ORIGIN lookups: the libraries find each
+        # other (and the extension finds them) in the folder they are installed to.
+        "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",
+        "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+        "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+        "-DCMAKE_INSTALL_RPATH_USE_LINK_PATH=OFF",
+    ]
+    if shutil.which("ccache"):
+        args.append("-DGGML_CCACHE=ON")
+    else:
+        args.append("-DGGML_CCACHE=OFF")
+    if cuda:
+        # Build kernels for the GPU of this machine when it has one.
+        args.append("-DCMAKE_CUDA_ARCHITECTURES=native")
+    return args
+
+
+def configure(source: Path, build: Path, args: list[str], generator: str | None) -> None:
+    stamp = build / "xybrid-configure.json"
+    wanted = {"source": str(source), "args": args}
+    if stamp.is_file() and (build / "CMakeCache.txt").is_file():
+        if json.loads(stamp.read_text()) == wanted:
+            return
+    build.mkdir(parents=True, exist_ok=True)
+    cmd = ["cmake", "-S", str(source), "-B", str(build), *args]
+    if generator and not (build / "CMakeCache.txt").is_file():
+        cmd += ["-G", generator]
+    subprocess.run(cmd, check=True)
+    stamp.write_text(json.dumps(wanted))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--build", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--native", choices=["true", "false"], default="true")
+    parser.add_argument("--cuda", choices=["true", "false"], default="false")
+    parser.add_argument("--build-type", default="Release")
+    parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("libs", nargs="+", help="library file names to deliver")
+    opts = parser.parse_args()
+
+    source = opts.source.resolve()
+    build = opts.build.resolve()
+    args = cmake_args(source, opts.native == "true", opts.cuda == "true", opts.build_type)
+    generator = "Ninja" if shutil.which("ninja") else None
+    configure(source, build, args, generator)
+
+    targets = ["llama", "mtmd"]
+    jobs = opts.jobs or os.cpu_count() or 2
+    subprocess.run(
+        ["cmake", "--build", str(build), "--parallel", str(jobs), "--target", *targets],
+        check=True,
+    )
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    for name in opts.libs:
+        built = build / "bin" / name
+        if not built.is_file():
+            print(f"build_llama_cpp: expected {built} after the build", file=sys.stderr)
+            return 1
+        target = opts.out / name
+        if target.is_file() and filecmp.cmp(built, target, shallow=False):
+            continue
+        shutil.copy2(built, target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

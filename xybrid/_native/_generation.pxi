@@ -1,0 +1,568 @@
+# Generation: the GIL-free decode/sample loop and its Python consumers.
+#
+# The loop state lives in a C struct (GenState). The loop appends the bytes
+# of every sampled token to `text`, finds stop strings and incomplete UTF-8
+# there, and advances `emitted` to the end of the bytes that can no longer
+# change. A consumer takes text[consumed:emitted]. When streaming, producer and
+# consumer share `mu`; the producer blocks only when more than `buffer_limit`
+# bytes wait unread (a consumer that stops reading holds the loop back).
+
+STOP_REASONS = ("running", "eog", "stop", "length", "cancelled", "error")
+
+cdef enum:
+    REASON_RUNNING = 0
+    REASON_EOG = 1
+    REASON_STOP = 2
+    REASON_LENGTH = 3
+    REASON_CANCELLED = 4
+    REASON_ERROR = 5
+
+cdef enum:
+    ERR_NONE = 0
+    ERR_PREFILL = 1
+    ERR_DECODE = 2
+    ERR_NO_MEMORY = 3
+
+cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
+
+
+cdef struct GenState:
+    # inputs (read-only while the loop runs)
+    llama_context * ctx
+    const llama_vocab * vocab
+    llama_sampler * smpl
+    llama_batch * batch
+    int32_t n_batch
+    int32_t n_ctx
+    llama_seq_id seq_id
+    const llama_token * prompt
+    int32_t n_prompt
+    int32_t max_tokens
+    const char ** stops
+    size_t * stop_lens
+    int32_t n_stops
+    bint streaming
+    size_t buffer_limit
+    # progress
+    llama_pos n_past            # next position to write in the sequence
+    llama_token * out_tokens    # [max_tokens] sampled tokens (EOG excluded)
+    int64_t * token_ns          # [max_tokens] time each token was sampled
+    int32_t n_out
+    int32_t n_out_decoded       # sampled tokens that went through llama_decode
+    char * text                 # every byte produced (stop string cut off)
+    size_t text_len
+    size_t text_cap
+    size_t emitted              # bytes final and visible to the consumer
+    size_t consumed             # bytes the consumer has taken
+    int reason
+    int error_kind
+    int32_t error_code
+    int64_t t_start_ns
+    int64_t t_prefill_end_ns
+    int64_t t_end_ns
+    # cross-thread
+    int cancel                  # atomic: set by any thread, read every step
+    int done                    # set under mu when the loop has finished
+    pthread_mutex_t mu
+    pthread_cond_t cond_data    # producer -> consumer: new bytes or done
+    pthread_cond_t cond_space   # consumer -> producer: bytes taken or cancel
+
+
+cdef bint gen_should_abort(void * data) noexcept nogil:
+    # llama.cpp asks this between graph nodes: cancellation reaches into a
+    # long prefill instead of waiting for it to finish.
+    return xy_atomic_load(&(<GenState *> data).cancel) != 0
+
+
+cdef int gen_reserve(GenState * g, size_t extra) noexcept nogil:
+    cdef size_t cap
+    cdef char * grown
+    if g.text_len + extra + 1 <= g.text_cap:
+        return 0
+    cap = g.text_cap * 2 if g.text_cap else 256
+    while cap < g.text_len + extra + 1:
+        cap *= 2
+    grown = <char *> realloc(g.text, cap)
+    if grown == NULL:
+        return -1
+    g.text = grown
+    g.text_cap = cap
+    return 0
+
+
+cdef size_t gen_holdback(GenState * g) noexcept nogil:
+    """Bytes at the end of the unreleased text that could still grow into a
+    stop string: the longest tail that is a proper prefix of one."""
+    cdef size_t pending = g.text_len - g.emitted
+    cdef size_t best = 0, k, L
+    cdef int32_t s
+    for s in range(g.n_stops):
+        L = g.stop_lens[s]
+        k = L - 1 if L - 1 < pending else pending
+        while k > best:
+            if memcmp_(g.text + g.text_len - k, g.stops[s], k) == 0:
+                best = k
+                break
+            k -= 1
+    return best
+
+
+cdef inline int memcmp_(const char * a, const char * b, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return 1
+    return 0
+
+
+cdef bint gen_scan(GenState * g, size_t old_len) noexcept nogil:
+    """After appending bytes [old_len, text_len): cut at the earliest stop
+    string (return True) or advance `emitted` past what can no longer change."""
+    cdef size_t start = g.emitted
+    cdef size_t max_back = 0
+    cdef int32_t s
+    cdef int64_t hit, best = -1
+    for s in range(g.n_stops):
+        if g.stop_lens[s] > max_back:
+            max_back = g.stop_lens[s]
+    # A stop string must contain at least one new byte (else it was found
+    # before) and cannot start before `emitted` (those bytes were released
+    # only once no stop string could start there).
+    if max_back > 0 and old_len + 1 > max_back and old_len + 1 - max_back > start:
+        start = old_len + 1 - max_back
+    for s in range(g.n_stops):
+        hit = xy_find(g.text + start, g.text_len - start, g.stops[s], g.stop_lens[s])
+        if hit >= 0 and (best < 0 or hit < best):
+            best = hit
+    if best >= 0:
+        g.text_len = start + <size_t> best
+        g.emitted = g.text_len
+        return True
+    cdef size_t safe = g.text_len - gen_holdback(g)
+    g.emitted += xy_utf8_complete_len(g.text + g.emitted, safe - g.emitted)
+    return False
+
+
+cdef void gen_publish(GenState * g) noexcept nogil:
+    """Wake the consumer; when too much is unread, wait for it (or cancel)."""
+    if not g.streaming:
+        return
+    pthread_cond_broadcast(&g.cond_data)
+    while g.emitted - g.consumed > g.buffer_limit and not xy_atomic_load(&g.cancel):
+        pthread_cond_wait(&g.cond_space, &g.mu)
+
+
+cdef int gen_accept_token(GenState * g, llama_token tok) noexcept nogil:
+    """Append the token's bytes and scan them. Returns 1 on a stop string,
+    0 to go on, -1 when out of memory."""
+    cdef char small[128]
+    cdef char * piece = small
+    cdef int32_t n = llama_token_to_piece(g.vocab, tok, small, sizeof(small), 0, False)
+    cdef int rc = 0
+    cdef size_t old_len
+    if n < 0:
+        piece = <char *> malloc(-n)
+        if piece == NULL:
+            return -1
+        n = llama_token_to_piece(g.vocab, tok, piece, -n, 0, False)
+        if n < 0:
+            n = 0
+    if g.streaming:
+        pthread_mutex_lock(&g.mu)
+    if gen_reserve(g, n) != 0:
+        rc = -1
+    else:
+        old_len = g.text_len
+        memcpy(g.text + g.text_len, piece, n)
+        g.text_len += n
+        if gen_scan(g, old_len):
+            rc = 1
+        gen_publish(g)
+    if g.streaming:
+        pthread_mutex_unlock(&g.mu)
+    if piece != small:
+        free(piece)
+    return rc
+
+
+cdef void gen_finish(GenState * g, int reason) noexcept nogil:
+    if g.streaming:
+        pthread_mutex_lock(&g.mu)
+    g.reason = reason
+    if reason != REASON_STOP:
+        # Nothing more can arrive: a held-back partial stop string is plain
+        # text now. A dangling incomplete UTF-8 sequence is not a character
+        # and is dropped.
+        g.emitted += xy_utf8_complete_len(g.text + g.emitted, g.text_len - g.emitted)
+        g.text_len = g.emitted
+    g.t_end_ns = xy_now_ns()
+    g.done = 1
+    if g.streaming:
+        pthread_cond_broadcast(&g.cond_data)
+        pthread_mutex_unlock(&g.mu)
+
+
+cdef void gen_run(GenState * g) noexcept nogil:
+    """Prefill the prompt, then sample -> end check -> accept -> piece ->
+    stop check -> emit -> decode, until a stop condition."""
+    cdef int32_t rc
+    cdef llama_token tok
+    cdef int acc
+    g.t_start_ns = xy_now_ns()
+    rc = decode_tokens(g.ctx, g.batch, g.n_batch, g.prompt, g.n_prompt, g.n_past, g.seq_id, True, &g.cancel)
+    if rc != 0:
+        g.t_prefill_end_ns = xy_now_ns()
+        if xy_atomic_load(&g.cancel):
+            gen_finish(g, REASON_CANCELLED)
+        else:
+            g.error_kind = ERR_PREFILL
+            g.error_code = rc
+            gen_finish(g, REASON_ERROR)
+        return
+    g.n_past += g.n_prompt
+    g.t_prefill_end_ns = xy_now_ns()
+    while True:
+        if xy_atomic_load(&g.cancel):
+            gen_finish(g, REASON_CANCELLED)
+            return
+        tok = llama_sampler_sample(g.smpl, g.ctx, -1)
+        g.token_ns[g.n_out] = xy_now_ns()
+        if llama_vocab_is_eog(g.vocab, tok):
+            gen_finish(g, REASON_EOG)
+            return
+        g.out_tokens[g.n_out] = tok
+        g.n_out += 1
+        acc = gen_accept_token(g, tok)
+        if acc < 0:
+            g.error_kind = ERR_NO_MEMORY
+            gen_finish(g, REASON_ERROR)
+            return
+        if acc > 0:
+            gen_finish(g, REASON_STOP)
+            return
+        if g.n_out >= g.max_tokens or g.n_past >= g.n_ctx:
+            gen_finish(g, REASON_LENGTH)
+            return
+        rc = decode_tokens(g.ctx, g.batch, g.n_batch, &tok, 1, g.n_past, g.seq_id, True, &g.cancel)
+        if rc != 0:
+            if xy_atomic_load(&g.cancel):
+                gen_finish(g, REASON_CANCELLED)
+            else:
+                g.error_kind = ERR_DECODE
+                g.error_code = rc
+                gen_finish(g, REASON_ERROR)
+            return
+        g.n_past += 1
+        g.n_out_decoded += 1
+
+
+cdef void * gen_thread_main(void * arg) noexcept nogil:
+    gen_run(<GenState *> arg)
+    return NULL
+
+
+cdef class GenerationResult:
+    """What a finished generation produced: tokens, text and timings.
+
+    Times are integer nanoseconds of :func:`monotonic_ns`. ``n_past`` is the
+    number of positions of the sequence in the cache afterwards (prompt plus
+    the generated tokens that were decoded).
+    """
+    cdef readonly list tokens
+    cdef readonly str text
+    cdef readonly str stop_reason
+    cdef readonly int n_prompt
+    cdef readonly int n_past
+    cdef readonly int n_decoded
+    cdef readonly object t_start_ns
+    cdef readonly object t_prefill_end_ns
+    cdef readonly object t_end_ns
+    cdef readonly list token_ns
+    cdef readonly list chunk_ns
+    cdef readonly dict perf
+
+    def __repr__(self):
+        return (f"<GenerationResult {self.stop_reason} tokens={len(self.tokens)} "
+                f"text={self.text[:40]!r}>")
+
+
+cdef class Generation:
+    """One generation on a context, started by :meth:`Context.generate` or
+    :meth:`Context.stream`.
+
+    Iterating yields text chunks (``str``) as the loop releases them; each
+    chunk holds everything that accumulated since the previous one. Stop it
+    early with :meth:`cancel` (from any thread) or :meth:`close`. The final
+    :class:`GenerationResult` is :attr:`result` once the iteration ends.
+    """
+
+    cdef GenState g
+    cdef Context context
+    cdef Sampler sampler
+    cdef list stop_bytes
+    cdef bint sync_ready
+    cdef bint thread_started
+    cdef bint finished
+    cdef pthread_t thread
+    cdef char * scratch
+    cdef size_t scratch_cap
+    cdef list chunk_ns
+    cdef readonly GenerationResult result
+    cdef readonly object error
+
+    def __cinit__(self):
+        self.sync_ready = False
+        self.thread_started = False
+        self.finished = False
+        self.scratch = NULL
+        self.scratch_cap = 0
+        self.result = None
+        self.error = None
+
+    cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
+                   Sampler sampler, stop, bint streaming, size_t buffer_limit) except -1:
+        cdef Py_ssize_t i, n = len(tokens)
+        cdef int32_t n_ctx = llama_n_ctx(context.ptr)
+        cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
+        if n == 0:
+            raise InvalidInputError("the prompt is empty: nothing to decode")
+        if max_tokens <= 0:
+            raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens}")
+        if n_past < 0:
+            raise InvalidInputError(f"n_past must be >= 0, got {n_past}")
+        if seq_id < 0 or seq_id >= <int> llama_n_seq_max(context.ptr):
+            raise InvalidInputError(f"seq_id {seq_id} is outside 0..{llama_n_seq_max(context.ptr) - 1}")
+        if n_past + n >= n_ctx:
+            raise ContextOverflowError(
+                f"the prompt needs {n_past + n} positions but the context holds {n_ctx}; "
+                "shorten the prompt or raise the context length")
+        stops = [] if stop is None else ([stop] if isinstance(stop, str) else list(stop))
+        self.stop_bytes = []
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise InvalidInputError(f"stop sequences must be non-empty strings, got {s!r}")
+            self.stop_bytes.append(s.encode("utf-8"))
+
+        memset_state(&self.g)
+        self.context = context
+        self.sampler = sampler
+        self.chunk_ns = []
+        g = &self.g
+        g.ctx = context.ptr
+        g.vocab = context.model.vocab
+        g.smpl = sampler.ptr
+        g.batch = &context.batch
+        g.n_batch = context.n_batch_alloc
+        g.n_ctx = n_ctx
+        g.seq_id = seq_id
+        g.n_past = n_past
+        g.max_tokens = max_tokens
+        g.streaming = streaming
+        g.buffer_limit = buffer_limit
+        g.prompt = <llama_token *> malloc(n * sizeof(llama_token))
+        g.out_tokens = <llama_token *> malloc(max_tokens * sizeof(llama_token))
+        g.token_ns = <int64_t *> malloc(max_tokens * sizeof(int64_t))
+        g.n_stops = <int32_t> len(self.stop_bytes)
+        g.stops = <const char **> malloc(max(g.n_stops, 1) * sizeof(char *))
+        g.stop_lens = <size_t *> malloc(max(g.n_stops, 1) * sizeof(size_t))
+        if (g.prompt == NULL or g.out_tokens == NULL or g.token_ns == NULL
+                or g.stops == NULL or g.stop_lens == NULL):
+            raise MemoryError("cannot allocate the generation buffers")
+        for i in range(n):
+            t = tokens[i]
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= n_vocab:
+                raise InvalidInputError(f"prompt token {i} = {t!r} is not a token id of this vocabulary")
+            (<llama_token *> g.prompt)[i] = t
+        g.n_prompt = <int32_t> n
+        for i in range(g.n_stops):
+            g.stops[i] = <const char *> (<bytes> self.stop_bytes[i])
+            g.stop_lens[i] = len(self.stop_bytes[i])
+        if pthread_mutex_init(&g.mu, NULL) != 0:
+            raise MemoryError("pthread_mutex_init failed")
+        if pthread_cond_init(&g.cond_data, NULL) != 0:
+            pthread_mutex_destroy(&g.mu)
+            raise MemoryError("pthread_cond_init failed")
+        if pthread_cond_init(&g.cond_space, NULL) != 0:
+            pthread_cond_destroy(&g.cond_data)
+            pthread_mutex_destroy(&g.mu)
+            raise MemoryError("pthread_cond_init failed")
+        self.sync_ready = True
+        context.busy = True
+        llama_set_abort_callback(context.ptr, gen_should_abort, g)
+        llama_perf_context_reset(context.ptr)
+        # A sampler carries state between tokens (penalty window, grammar
+        # position); every generation starts it afresh.
+        llama_sampler_reset(sampler.ptr)
+        return 0
+
+    cdef int start_thread(self) except -1:
+        if pthread_create(&self.thread, NULL, gen_thread_main, &self.g) != 0:
+            self.release()
+            raise XybridError("could not start the generation thread")
+        self.thread_started = True
+        return 0
+
+    def __dealloc__(self):
+        if self.thread_started:
+            xy_atomic_store(&self.g.cancel, 1)
+            pthread_mutex_lock(&self.g.mu)
+            pthread_cond_broadcast(&self.g.cond_space)
+            pthread_mutex_unlock(&self.g.mu)
+            with nogil:
+                pthread_join(self.thread, NULL)
+            self.thread_started = False
+        self.release()
+
+    cdef void release(self) noexcept:
+        """Free the C state once; hand the context back."""
+        if self.context is not None and self.context.busy:
+            if self.context.ptr != NULL:
+                llama_set_abort_callback(self.context.ptr, NULL, NULL)
+            self.context.busy = False
+        if self.sync_ready:
+            pthread_cond_destroy(&self.g.cond_space)
+            pthread_cond_destroy(&self.g.cond_data)
+            pthread_mutex_destroy(&self.g.mu)
+            self.sync_ready = False
+        free(<void *> self.g.prompt)
+        free(self.g.out_tokens)
+        free(self.g.token_ns)
+        free(self.g.text)
+        free(<void *> self.g.stops)
+        free(self.g.stop_lens)
+        free(self.scratch)
+        self.g.prompt = NULL
+        self.g.out_tokens = NULL
+        self.g.token_ns = NULL
+        self.g.text = NULL
+        self.g.stops = NULL
+        self.g.stop_lens = NULL
+        self.scratch = NULL
+
+    def cancel(self):
+        """Ask the loop to stop at its next step. Safe from any thread."""
+        xy_atomic_store(&self.g.cancel, 1)
+        if self.thread_started:
+            with nogil:
+                pthread_mutex_lock(&self.g.mu)
+                pthread_cond_broadcast(&self.g.cond_space)
+                pthread_mutex_unlock(&self.g.mu)
+
+    @property
+    def cancelled(self):
+        return xy_atomic_load(&self.g.cancel) != 0
+
+    cdef object take_chunk(self):
+        """Wait (GIL released) for new bytes or the end; return the new text,
+        or None when the loop is done and everything has been taken."""
+        cdef size_t n = 0
+        cdef bint done = False
+        cdef char * grown
+        cdef bint oom = False
+        with nogil:
+            pthread_mutex_lock(&self.g.mu)
+            while self.g.consumed == self.g.emitted and not self.g.done:
+                pthread_cond_wait(&self.g.cond_data, &self.g.mu)
+            n = self.g.emitted - self.g.consumed
+            if n > self.scratch_cap:
+                grown = <char *> realloc(self.scratch, n)
+                if grown == NULL:
+                    oom = True
+                else:
+                    self.scratch = grown
+                    self.scratch_cap = n
+            if not oom and n > 0:
+                memcpy(self.scratch, self.g.text + self.g.consumed, n)
+                self.g.consumed = self.g.emitted
+                pthread_cond_broadcast(&self.g.cond_space)
+            done = self.g.done != 0
+            pthread_mutex_unlock(&self.g.mu)
+        if oom:
+            raise MemoryError()
+        if n > 0:
+            self.chunk_ns.append(xy_now_ns())
+            return PyBytes_FromStringAndSize(self.scratch, n).decode("utf-8", "replace")
+        return None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.finished:
+            raise StopIteration
+        chunk = self.take_chunk()
+        if chunk is not None:
+            return chunk
+        self.finish()
+        if self.error is not None:
+            raise self.error
+        raise StopIteration
+
+    cdef void finish(self):
+        """Join the worker, build the result, free the C state."""
+        if self.finished:
+            return
+        if self.thread_started:
+            with nogil:
+                pthread_join(self.thread, NULL)
+            self.thread_started = False
+        self.result = self.build_result()
+        self.finished = True
+        self.release()
+
+    def close(self):
+        """Stop (if still running) and wait for the loop; the result stays available."""
+        if not self.finished:
+            if not self.g.done:
+                self.cancel()
+            self.finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def run_inline(self):
+        """Run the whole loop on this thread with the GIL released."""
+        with nogil:
+            gen_run(&self.g)
+        self.finish()
+        return self.result
+
+    cdef GenerationResult build_result(self):
+        g = &self.g
+        cdef GenerationResult r = GenerationResult.__new__(GenerationResult)
+        cdef int32_t i
+        r.tokens = [g.out_tokens[i] for i in range(g.n_out)]
+        r.text = PyBytes_FromStringAndSize(g.text, g.text_len).decode("utf-8", "replace") if g.text_len else ""
+        r.stop_reason = STOP_REASONS[g.reason]
+        r.n_prompt = g.n_prompt
+        r.n_past = g.n_past
+        r.n_decoded = g.n_out_decoded
+        r.t_start_ns = g.t_start_ns
+        r.t_prefill_end_ns = g.t_prefill_end_ns
+        r.t_end_ns = g.t_end_ns
+        # The EOG token (if any) is timed but not kept: it still marks when
+        # the model finished, so keep its stamp only if there are no tokens.
+        r.token_ns = [g.token_ns[i] for i in range(g.n_out)]
+        r.chunk_ns = self.chunk_ns
+        r.perf = self.context.perf()
+        if g.reason == REASON_ERROR:
+            self.error = self.describe_error()
+        return r
+
+    cdef object describe_error(self):
+        g = &self.g
+        if g.error_kind == ERR_NO_MEMORY:
+            return MemoryError("out of memory while collecting generated text")
+        stage = "prefill" if g.error_kind == ERR_PREFILL else "decode"
+        return GenerationError(f"llama_decode failed during {stage} with code {g.error_code}"
+                               + _decode_hint(g.error_code))
+
+
+cdef void memset_state(GenState * g) noexcept nogil:
+    cdef char * p = <char *> g
+    cdef size_t i
+    for i in range(sizeof(GenState)):
+        p[i] = 0

@@ -1,0 +1,128 @@
+# Sampler: a llama.cpp sampler chain built from plain parameters.
+
+import math
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a fresh random seed per chain
+
+
+cdef class Sampler:
+    """A llama.cpp sampler chain.
+
+    The chain is, in order: grammar (when given), penalties (when any is
+    active), then either greedy (``temperature <= 0``) or top-k, top-p, min-p,
+    temperature and a seeded draw. The grammar is checked by llama.cpp when the
+    chain is built; a grammar it cannot parse raises
+    :class:`~xybrid.errors.GrammarError`.
+    """
+
+    cdef llama_sampler * ptr
+    cdef Model model
+    cdef readonly dict params
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, Model model not None, *, double temperature=0.0, int top_k=0,
+                 double top_p=1.0, double min_p=0.0, double repeat_penalty=1.0,
+                 int repeat_last_n=64, double frequency_penalty=0.0,
+                 double presence_penalty=0.0, seed=None, grammar=None,
+                 str grammar_root="root"):
+        model.check_open()
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                            ("repeat_penalty", repeat_penalty),
+                            ("frequency_penalty", frequency_penalty),
+                            ("presence_penalty", presence_penalty)):
+            if not math.isfinite(value):
+                raise InvalidInputError(f"{name} must be finite, got {value!r}")
+        if temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise InvalidInputError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+        if not 0.0 <= min_p <= 1.0:
+            raise InvalidInputError(f"min_p must be in [0, 1], got {min_p}")
+        if repeat_penalty <= 0:
+            raise InvalidInputError(f"repeat_penalty must be > 0 (1.0 disables it), got {repeat_penalty}")
+        if repeat_last_n < -1:
+            raise InvalidInputError(f"repeat_last_n must be >= -1 (-1 = whole context), got {repeat_last_n}")
+        cdef uint32_t cseed = DEFAULT_SEED
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 0xFFFFFFFF:
+                raise InvalidInputError(f"seed must be an integer in [0, 2**32 - 1), got {seed!r}")
+            cseed = seed
+        if grammar is not None and not isinstance(grammar, str):
+            raise GrammarError(f"grammar must be a str of GBNF text, got {type(grammar).__name__}")
+        self.model = model
+        self.params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                           frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                           seed=seed, grammar=grammar)
+
+        cdef llama_sampler_chain_params cparams = llama_sampler_chain_default_params()
+        cparams.no_perf = True
+        self.ptr = llama_sampler_chain_init(cparams)
+        if self.ptr == NULL:
+            raise MemoryError("llama_sampler_chain_init failed")
+        cdef llama_sampler * stage
+        cdef bytes bgrammar, broot
+        if grammar is not None:
+            if not grammar.strip():
+                raise GrammarError("grammar is empty")
+            bgrammar = grammar.encode("utf-8")
+            broot = grammar_root.encode("utf-8")
+            take_log_tail()
+            stage = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
+            if stage == NULL:
+                reason = take_log_tail()
+                raise GrammarError("llama.cpp rejected the grammar" + (f": {reason}" if reason else ""))
+            self.add(stage)
+        if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
+            self.add(llama_sampler_init_penalties(
+                llama_vocab_n_tokens(model.vocab), repeat_last_n,
+                repeat_penalty, frequency_penalty, presence_penalty))
+        if temperature <= 0.0:
+            self.add(llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            self.add(llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            self.add(llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            self.add(llama_sampler_init_min_p(min_p, 1))
+        self.add(llama_sampler_init_temp(temperature))
+        self.add(llama_sampler_init_dist(cseed))
+
+    cdef add(self, llama_sampler * stage):
+        # The chain owns every stage added to it and frees them with itself.
+        if stage == NULL:
+            raise MemoryError("llama.cpp could not create a sampler stage")
+        llama_sampler_chain_add(self.ptr, stage)
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            llama_sampler_free(self.ptr)
+            self.ptr = NULL
+
+    def reset(self):
+        """Forget accepted tokens (penalty history, grammar state)."""
+        if self.ptr != NULL:
+            llama_sampler_reset(self.ptr)
+
+    def accept(self, int token):
+        """Tell the chain a token was emitted (penalties and grammar track it)."""
+        self.model.check_token(token)
+        llama_sampler_accept(self.ptr, token)
+
+    def sample(self, Context context not None, int index=-1):
+        """Sample (and accept) one token from the logits of output ``index`` of
+        the last decode. A building block for step-by-step loops in Python."""
+        context.check_open()
+        cdef llama_token tok
+        with nogil:
+            tok = llama_sampler_sample(self.ptr, context.ptr, index)
+        return tok
+
+    @property
+    def n_stages(self):
+        return llama_sampler_chain_n(self.ptr)

@@ -1,0 +1,115 @@
+/* Small C helpers for the Cython engine (_engine.pyx).
+ *
+ * Things that are awkward to say in Cython: a monotonic clock in
+ * nanoseconds (the same clock as Python's time.monotonic_ns on Linux),
+ * atomic flags shared between the decode thread and other threads, and the
+ * llama.cpp log sink that keeps the last warnings/errors so that a failed
+ * load can tell the user *why* instead of printing to stderr.
+ */
+#ifndef XYBRID_ENGINE_SUPPORT_H
+#define XYBRID_ENGINE_SUPPORT_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "ggml.h"
+
+static inline int64_t xy_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + (int64_t)ts.tv_nsec;
+}
+
+static inline int xy_atomic_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void xy_atomic_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+/* Earliest occurrence of needle in hay, or -1. Stop strings are short, so a
+ * memchr on the first byte followed by memcmp is all we need. */
+static inline int64_t xy_find(const char *hay, size_t hay_len, const char *needle, size_t needle_len) {
+    if (needle_len == 0 || needle_len > hay_len) return -1;
+    const char *p = hay;
+    const char *last = hay + (hay_len - needle_len);
+    while (p <= last) {
+        const char *hit = (const char *)memchr(p, (unsigned char)needle[0], (size_t)(last - p) + 1);
+        if (!hit) return -1;
+        if (memcmp(hit, needle, needle_len) == 0) return (int64_t)(hit - hay);
+        p = hit + 1;
+    }
+    return -1;
+}
+
+/* Length of the longest prefix of buf[0:len] that does not end inside an
+ * incomplete UTF-8 sequence. Invalid bytes are let through (the Python side
+ * decodes with errors="replace"); only a lead byte still waiting for its
+ * continuation bytes is held back. */
+static inline size_t xy_utf8_complete_len(const char *buf, size_t len) {
+    size_t back = 0;
+    while (back < 4 && back < len) {
+        unsigned char c = (unsigned char)buf[len - 1 - back];
+        if ((c & 0xC0) != 0x80) {           /* lead byte or ASCII */
+            size_t need;
+            if (c < 0x80) need = 1;
+            else if ((c & 0xE0) == 0xC0) need = 2;
+            else if ((c & 0xF0) == 0xE0) need = 3;
+            else if ((c & 0xF8) == 0xF0) need = 4;
+            else return len;                 /* invalid lead: nothing to wait for */
+            return (back + 1 < need) ? len - 1 - back : len;
+        }
+        back++;
+    }
+    return len;
+}
+
+/* ---- llama.cpp log sink ------------------------------------------------ */
+
+#define XY_LOG_KEEP 4096
+static pthread_mutex_t xy_log_mutex = PTHREAD_MUTEX_INITIALIZER;
+static char xy_log_tail[XY_LOG_KEEP];   /* last warnings and errors, newest last */
+static size_t xy_log_tail_len = 0;
+static int xy_log_print_level = GGML_LOG_LEVEL_NONE + 100; /* print nothing by default */
+static int xy_log_prev_level = GGML_LOG_LEVEL_INFO;
+
+static void xy_log_callback(enum ggml_log_level level, const char *text, void *user_data) {
+    (void)user_data;
+    int lvl = (int)level;
+    pthread_mutex_lock(&xy_log_mutex);
+    if (lvl == GGML_LOG_LEVEL_CONT) lvl = xy_log_prev_level; else xy_log_prev_level = lvl;
+    if (lvl >= GGML_LOG_LEVEL_WARN && text) {
+        size_t n = strlen(text);
+        if (n >= XY_LOG_KEEP) { text += n - (XY_LOG_KEEP - 1); n = XY_LOG_KEEP - 1; }
+        if (xy_log_tail_len + n >= XY_LOG_KEEP) {
+            size_t drop = xy_log_tail_len + n - (XY_LOG_KEEP - 1);
+            memmove(xy_log_tail, xy_log_tail + drop, xy_log_tail_len - drop);
+            xy_log_tail_len -= drop;
+        }
+        memcpy(xy_log_tail + xy_log_tail_len, text, n);
+        xy_log_tail_len += n;
+        xy_log_tail[xy_log_tail_len] = '\0';
+    }
+    int print = lvl >= xy_log_print_level;
+    pthread_mutex_unlock(&xy_log_mutex);
+    if (print && text) fputs(text, stderr);
+}
+
+static void xy_log_set_print_level(int level) {
+    pthread_mutex_lock(&xy_log_mutex);
+    xy_log_print_level = level;
+    pthread_mutex_unlock(&xy_log_mutex);
+}
+
+/* Copy the kept log text into out (NUL-terminated) and clear it. */
+static size_t xy_log_take(char *out, size_t cap) {
+    pthread_mutex_lock(&xy_log_mutex);
+    size_t n = xy_log_tail_len < cap - 1 ? xy_log_tail_len : cap - 1;
+    memcpy(out, xy_log_tail + (xy_log_tail_len - n), n);
+    out[n] = '\0';
+    xy_log_tail_len = 0;
+    xy_log_tail[0] = '\0';
+    pthread_mutex_unlock(&xy_log_mutex);
+    return n;
+}
+
+#endif

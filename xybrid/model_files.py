@@ -1,0 +1,31 @@
+"""Finding model files on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from xybrid.errors import InvalidInputError, ModelNotFoundError
+
+__all__ = ["resolve_model_path"]
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """The GGUF file that ``path`` names.
+
+    A file is returned as it is. A directory must hold at least one ``.gguf``
+    file; the first in name order is chosen, skipping multimodal projectors
+    (``mmproj*``) when another file is there.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError(f"model path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path not found: {p}")
+    if p.is_file():
+        return p
+    candidates = sorted(q for q in p.iterdir() if q.suffix.lower() == ".gguf" and q.is_file())
+    if not candidates:
+        raise ModelNotFoundError(f"no .gguf files found in {p}")
+    models = [q for q in candidates if not q.name.lower().startswith("mmproj")]
+    return (models or candidates)[0]

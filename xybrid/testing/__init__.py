@@ -1,0 +1,1 @@
+"""Helpers for xybrid's tests and benchmarks (tiny random-weight GGUF models)."""

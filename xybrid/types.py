@@ -1,0 +1,472 @@
+"""Public value types of xybrid: messages, configurations and generation results.
+
+Every type here is an immutable dataclass that checks its own values when it is
+built, so a bad setting fails at the call site with a message naming the field
+instead of deep inside the native engine. ``InvalidInputError`` (a
+``ValueError``) is raised for both wrong types and out-of-range values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, cast, get_args
+
+from xybrid.errors import InvalidInputError, UnsupportedInputError
+
+__all__ = [
+    "Role",
+    "ChatMessage",
+    "LlmConfig",
+    "GenerationConfig",
+    "PartialToken",
+    "GenerationOutput",
+    "MAX_SEED",
+]
+
+Role = Literal["system", "user", "assistant", "tool"]
+_ROLES: Final[frozenset[str]] = frozenset(get_args(Role))
+
+#: Largest accepted sampling seed. llama.cpp takes a 32-bit seed and reads
+#: 0xFFFFFFFF as "pick a random seed", so that value is kept out of range: a
+#: caller who asks for a fixed seed must get a reproducible run.
+MAX_SEED: Final[int] = 0xFFFFFFFE
+
+# ---------------------------------------------------------------------------
+# Validation helpers. Each returns the normalised value or raises with a
+# message of the form "<Class>.<field> must be ..., got <repr>".
+# ---------------------------------------------------------------------------
+
+
+def _fail(owner: str, name: str, requirement: str, value: object) -> InvalidInputError:
+    return InvalidInputError(f"{owner}.{name} must be {requirement}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int; True as a context length is always a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int, requirement: str) -> int:
+    if not _is_int(value) or cast(int, value) < minimum:
+        raise _fail(owner, name, requirement, value)
+    return cast(int, value)
+
+
+def _check_bool(owner: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(owner, name, "a bool", value)
+    return value
+
+
+def _as_finite_float(owner: str, name: str, value: object, requirement: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(owner, name, requirement, value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise _fail(owner, name, requirement, value)
+    return number
+
+
+def _check_optional_str(owner: str, name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(owner, name, "a non-empty str or None", value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# ChatMessage
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation, in the shape chat templates consume.
+
+    ``name`` is the optional participant name of the OpenAI schema;
+    ``tool_call_id`` links a ``tool`` message to the call it answers.
+    """
+
+    role: Role
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, str) or self.role not in _ROLES:
+            allowed = ", ".join(sorted(_ROLES))
+            raise _fail("ChatMessage", "role", f"one of {allowed}", self.role)
+        if not isinstance(self.content, str):
+            raise _fail("ChatMessage", "content", "a str", self.content)
+        _check_optional_str("ChatMessage", "name", self.name)
+        _check_optional_str("ChatMessage", "tool_call_id", self.tool_call_id)
+
+    @classmethod
+    def system(cls, text: str) -> ChatMessage:
+        """A system prompt."""
+        return cls("system", text)
+
+    @classmethod
+    def user(cls, text: str) -> ChatMessage:
+        """A user turn."""
+        return cls("user", text)
+
+    @classmethod
+    def assistant(cls, text: str) -> ChatMessage:
+        """A previous model reply, replayed as history."""
+        return cls("assistant", text)
+
+    @classmethod
+    def tool(cls, text: str, tool_call_id: str | None = None) -> ChatMessage:
+        """The result of a tool call, fed back to the model."""
+        return cls("tool", text, tool_call_id=tool_call_id)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
+        """Build a message from an OpenAI-style mapping.
+
+        ``content`` may be a str, ``None`` (an assistant turn that only made
+        tool calls; read as ``""``) or a list of ``{"type": "text", "text": ...}``
+        parts, which are joined. Non-text parts raise ``UnsupportedInputError``
+        because this type carries text only. Unknown keys are ignored so whole
+        request messages can be passed through.
+        """
+        if not isinstance(data, Mapping):
+            raise _fail("ChatMessage", "from_dict argument", "a mapping", data)
+        if "role" not in data:
+            raise InvalidInputError("ChatMessage.role is missing from the message mapping")
+        content = _content_to_text(data.get("content"))
+        return cls(
+            role=data["role"],
+            content=content,
+            name=data.get("name"),
+            tool_call_id=data.get("tool_call_id"),
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        """OpenAI-style mapping; optional keys appear only when set."""
+        out = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _content_to_text(content: object) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        pieces: list[str] = []
+        for part in content:
+            if not isinstance(part, Mapping):
+                raise _fail("ChatMessage", "content part", "a mapping", part)
+            kind = part.get("type")
+            if kind != "text":
+                raise UnsupportedInputError(
+                    f"ChatMessage.content part of type {kind!r} is not supported; "
+                    "only text parts are"
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _fail("ChatMessage", "content part text", "a str", text)
+            pieces.append(text)
+        return "".join(pieces)
+    raise _fail("ChatMessage", "content", "a str", content)
+
+
+# ---------------------------------------------------------------------------
+# LlmConfig
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, init=False)
+class LlmConfig:
+    """How to load a model and size its context.
+
+    ``model_path`` accepts any path-like and is stored as ``str``.
+    ``gpu_layers=-1`` offloads every layer; ``n_threads=0`` lets llama.cpp pick.
+    ``chat_template`` is a format name (``"chatml"``, ``"llama2"``, ``"gemma"``)
+    or a full Jinja template; ``None`` means the model's own template, or one
+    inferred from the model when it carries none.
+    """
+
+    model_path: str
+    context_length: int
+    gpu_layers: int
+    n_threads: int
+    n_batch: int
+    n_ubatch: int
+    flash_attn: bool
+    chat_template: str | None
+    use_mmap: bool
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        context_length: int = 4096,
+        gpu_layers: int = 0,
+        n_threads: int = 0,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        flash_attn: bool = False,
+        chat_template: str | None = None,
+        use_mmap: bool = True,
+    ) -> None:
+        owner = "LlmConfig"
+        if isinstance(model_path, os.PathLike):
+            model_path = os.fspath(model_path)
+        if not isinstance(model_path, str) or not model_path:
+            raise _fail(owner, "model_path", "a non-empty str or os.PathLike[str]", model_path)
+        values: dict[str, object] = {
+            "model_path": model_path,
+            "context_length": _check_int(
+                owner, "context_length", context_length, 1, "a positive integer"
+            ),
+            "gpu_layers": _check_int(
+                owner, "gpu_layers", gpu_layers, -1, "an integer >= -1 (-1 offloads all layers)"
+            ),
+            "n_threads": _check_int(
+                owner, "n_threads", n_threads, 0, "an integer >= 0 (0 picks automatically)"
+            ),
+            "n_batch": _check_int(owner, "n_batch", n_batch, 1, "a positive integer"),
+            "n_ubatch": _check_int(owner, "n_ubatch", n_ubatch, 1, "a positive integer"),
+            "flash_attn": _check_bool(owner, "flash_attn", flash_attn),
+            "chat_template": _check_optional_str(owner, "chat_template", chat_template),
+            "use_mmap": _check_bool(owner, "use_mmap", use_mmap),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> LlmConfig:
+        """A copy with ``changes`` applied and validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------
+# GenerationConfig
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, init=False)
+class GenerationConfig:
+    """Sampling and stopping settings for one generation.
+
+    Defaults (the seed's backend interface leaves them to the implementation,
+    so these follow common llama.cpp practice):
+
+    - ``max_tokens=256``
+    - ``temperature=0.7``; ``0`` means greedy decoding.
+    - ``top_p=0.9``, ``min_p=0.05``, ``top_k=40`` (``top_k=0`` disables it).
+    - ``repetition_penalty=1.0``: off by default because it changes output
+      quality; values above 1 discourage repeats.
+    - ``repetition_penalty_window=64``: how many recent tokens the penalties
+      look at; ``0`` turns the window (and so all penalties) off and ``-1``
+      means the whole context, matching llama.cpp's ``penalty_last_n``.
+    - ``frequency_penalty=0.0``, ``presence_penalty=0.0`` (OpenAI semantics).
+    - ``seed=None``: a fresh random seed per call; an int in
+      ``0..MAX_SEED`` makes sampling reproducible.
+    - ``stop_sequences=()``: any iterable of non-empty strings, stored as a
+      tuple; a single ``str`` is taken as one sequence, as the OpenAI API does.
+    - ``grammar=None``: GBNF text constraining the output.
+    """
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    min_p: float
+    top_k: int
+    repetition_penalty: float
+    repetition_penalty_window: int
+    frequency_penalty: float
+    presence_penalty: float
+    seed: int | None
+    stop_sequences: tuple[str, ...]
+    grammar: str | None
+
+    def __init__(
+        self,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        min_p: float = 0.05,
+        top_k: int = 40,
+        repetition_penalty: float = 1.0,
+        repetition_penalty_window: int = 64,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        seed: int | None = None,
+        stop_sequences: Iterable[str] | str = (),
+        grammar: str | None = None,
+    ) -> None:
+        owner = "GenerationConfig"
+        top_p_value = _as_finite_float(owner, "top_p", top_p, "a number in (0, 1]")
+        if not 0.0 < top_p_value <= 1.0:
+            raise _fail(owner, "top_p", "a number in (0, 1]", top_p)
+        min_p_value = _as_finite_float(owner, "min_p", min_p, "a number in [0, 1]")
+        if not 0.0 <= min_p_value <= 1.0:
+            raise _fail(owner, "min_p", "a number in [0, 1]", min_p)
+        temperature_value = _as_finite_float(
+            owner, "temperature", temperature, "a finite number >= 0"
+        )
+        if temperature_value < 0.0:
+            raise _fail(owner, "temperature", "a finite number >= 0", temperature)
+        penalty = _as_finite_float(
+            owner, "repetition_penalty", repetition_penalty, "a finite number > 0"
+        )
+        if penalty <= 0.0:
+            raise _fail(owner, "repetition_penalty", "a finite number > 0", repetition_penalty)
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+            raise _fail(owner, "seed", f"None or an integer in [0, {MAX_SEED}]", seed)
+        grammar_value = _check_optional_str(owner, "grammar", grammar)
+        values: dict[str, object] = {
+            "max_tokens": _check_int(owner, "max_tokens", max_tokens, 1, "a positive integer"),
+            "temperature": temperature_value,
+            "top_p": top_p_value,
+            "min_p": min_p_value,
+            "top_k": _check_int(owner, "top_k", top_k, 0, "an integer >= 0 (0 disables)"),
+            "repetition_penalty": penalty,
+            "repetition_penalty_window": _check_int(
+                owner,
+                "repetition_penalty_window",
+                repetition_penalty_window,
+                -1,
+                "an integer >= -1 (-1 means the whole context)",
+            ),
+            "frequency_penalty": _as_finite_float(
+                owner, "frequency_penalty", frequency_penalty, "a finite number"
+            ),
+            "presence_penalty": _as_finite_float(
+                owner, "presence_penalty", presence_penalty, "a finite number"
+            ),
+            "seed": seed,
+            "stop_sequences": _normalise_stop_sequences(stop_sequences),
+            "grammar": grammar_value,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def greedy(cls, **overrides: Any) -> GenerationConfig:
+        """Deterministic decoding (temperature 0); other settings may be overridden."""
+        overrides.setdefault("temperature", 0.0)
+        return cls(**overrides)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the engine should take the most likely token every step."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with ``changes`` applied and validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _normalise_stop_sequences(value: object) -> tuple[str, ...]:
+    owner, name = "GenerationConfig", "stop_sequences"
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Iterable):
+        raise _fail(owner, name, "an iterable of non-empty str", value)
+    sequences = tuple(value)
+    for item in sequences:
+        if not isinstance(item, str) or not item:
+            raise _fail(owner, name, "an iterable of non-empty str", item)
+    return sequences
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartialToken:
+    """One piece of a streamed reply.
+
+    ``text`` is the new text since the previous piece, ``cumulative_text`` all
+    text emitted so far. The last piece of a stream carries ``finish_reason``
+    (its ``text`` may be empty).
+    """
+
+    text: str
+    index: int
+    cumulative_text: str
+    token_id: int | None = None
+    finish_reason: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True for the terminal piece of a stream."""
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """The result of one generation, with its telemetry.
+
+    ``finish_reason`` is the user-facing reason (``"stop"``, ``"length"``,
+    ``"cancelled"``, ``"tool_calls"``, ...); ``stop_reason`` is the engine's
+    raw reason (``"eog"``, ``"stop"``, ``"length"``, ``"cancelled"``,
+    ``"error"``). Timings are milliseconds; figures that cannot be derived
+    (for instance inter-token latency of a one-token reply) are ``None``.
+    ``inter_chunk_ms`` is the mean gap between chunks the consumer received.
+    """
+
+    text: str
+    tokens_generated: int
+    generation_time_ms: float
+    tokens_per_second: float
+    finish_reason: str
+    ttft_ms: float | None = None
+    mean_itl_ms: float | None = None
+    p95_itl_ms: float | None = None
+    emitted_chunks: int = 0
+    inter_chunk_ms: float | None = None
+    decode_tps: float | None = None
+    prefill_tps: float | None = None
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    stop_reason: str | None = None
+    token_ids: tuple[int, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, object]:
+        """Telemetry mapping under the canonical key names.
+
+        Keys: ``text``, ``finish_reason``, ``stop_reason``, ``tokens_in``
+        (prompt tokens), ``prompt_cached_tokens`` (prompt tokens served from the
+        KV cache), ``tokens_out`` and ``tokens_generated`` (both the number of
+        generated tokens), ``generation_time_ms``, ``tokens_per_second``,
+        ``ttft_ms``, ``mean_itl_ms``, ``p95_itl_ms``, ``emitted_chunks``,
+        ``inter_chunk_ms``, ``decode_tps``, ``prefill_tps`` and ``token_ids``
+        (a list). Every key is always present, with ``None`` where a figure is
+        unknown, so the mapping has a fixed schema and is JSON-serialisable.
+        """
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
+            "tokens_in": self.prompt_tokens,
+            "prompt_cached_tokens": self.cached_prompt_tokens,
+            "tokens_out": self.tokens_generated,
+            "tokens_generated": self.tokens_generated,
+            "generation_time_ms": self.generation_time_ms,
+            "tokens_per_second": self.tokens_per_second,
+            "ttft_ms": self.ttft_ms,
+            "mean_itl_ms": self.mean_itl_ms,
+            "p95_itl_ms": self.p95_itl_ms,
+            "emitted_chunks": self.emitted_chunks,
+            "inter_chunk_ms": self.inter_chunk_ms,
+            "decode_tps": self.decode_tps,
+            "prefill_tps": self.prefill_tps,
+            "token_ids": list(self.token_ids),
+        }
