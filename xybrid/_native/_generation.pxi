@@ -309,6 +309,7 @@ cdef class Generation:
     cdef list chunk_ns
     cdef readonly GenerationResult result
     cdef readonly object error
+    cdef readonly int tokens_at_last_chunk
 
     def __cinit__(self):
         self.sync_ready = False
@@ -448,6 +449,13 @@ cdef class Generation:
                 pthread_cond_broadcast(&self.g.cond_space)
                 pthread_mutex_unlock(&self.g.mu)
 
+    def token_at(self, int index):
+        """The id of sampled token ``index`` (< tokens_at_last_chunk), e.g. the
+        last token of the chunk just received."""
+        if self.g.out_tokens == NULL or index < 0 or index >= self.tokens_at_last_chunk:
+            raise IndexError(index)
+        return self.g.out_tokens[index]
+
     @property
     def cancelled(self):
         return xy_atomic_load(&self.g.cancel) != 0
@@ -476,6 +484,7 @@ cdef class Generation:
                 self.g.consumed = self.g.emitted
                 pthread_cond_broadcast(&self.g.cond_space)
             done = self.g.done != 0
+            self.tokens_at_last_chunk = self.g.n_out
             pthread_mutex_unlock(&self.g.mu)
         if oom:
             raise MemoryError()

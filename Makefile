@@ -1,0 +1,28 @@
+# The two README commands are `make run` and `make test`; each sets up
+# everything it needs first (scripts/setup.sh is incremental).
+PROMPT ?= The three primary colours are
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test bench typecheck clean
+
+setup:
+	./scripts/setup.sh
+
+run: setup
+	$(BIN)/xybrid generate "$(PROMPT)" --max-tokens 64 --stats
+
+# pytest (not `python -m pytest`) so the installed package is imported, not
+# the source tree, which has no compiled extension.
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+typecheck: setup
+	$(BIN)/mypy
+
+bench:
+	XYBRID_EXTRAS=bench,test ./scripts/setup.sh
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,452 @@
+"""LlamaCppBackend: the llama.cpp engine behind the :class:`LlmBackend` interface.
+
+One backend owns one model and one context. Calls are serialised by a lock
+(the native loop runs with the GIL released, so other Python threads keep
+running while a call waits or generates).
+
+Multi-turn reuse: the backend remembers exactly which tokens sit in the KV
+cache (prompt plus the generated tokens that were decoded). The next call
+keeps the longest common prefix (capped one short of the new prompt, so at
+least one token is decoded to produce logits) and decodes only the rest.
+Recurrent and hybrid models, whose state cannot be cut back to a position,
+and calls that would overflow the window start from an empty cache instead.
+A failed or cancelled call leaves the cache in an unknown state, so it is
+cleared before the error reaches the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xybrid._native import _engine
+from xybrid.backend import LlmBackend, MessageLike, StreamingCallback
+from xybrid.chat_templates import ChatTemplate, resolve_chat_template
+from xybrid.errors import ContextOverflowError, InvalidInputError, ModelNotLoadedError
+from xybrid.model_files import resolve_model_path
+from xybrid.prefix_cache import PrefixCacheState, PrefixPlan
+from xybrid.streaming import (
+    CHAT_STOP_PATTERNS,
+    CHAT_STOP_PATTERNS_BROKEN,
+    StreamingTextFilter,
+    merge_stop_patterns,
+    strip_thinking_tags,
+    trim_partial_stop_suffix,
+    truncate_at_first_stop,
+)
+from xybrid.telemetry import compute_telemetry, record_on_current_span
+from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig, PartialToken
+
+__all__ = ["LlamaCppBackend", "execution_provider"]
+
+_SEQ = 0  # the backend drives one sequence of its context
+
+
+def execution_provider() -> str:
+    """Where this build runs the model: ``"cuda"``, ``"metal"`` or ``"cpu"``."""
+    from xybrid import _build_info
+
+    if _build_info.CUDA:
+        return "cuda"
+    import sys
+
+    return "metal" if sys.platform == "darwin" else "cpu"
+
+
+@dataclass
+class _Loaded:
+    config: LlmConfig
+    path: Path
+    model: Any  # _engine.Model
+    context: Any  # _engine.Context
+    template: ChatTemplate
+    bos_text: str
+
+
+@dataclass
+class _Prepared:
+    """A prompt ready for the engine: its tokens and the cache plan."""
+
+    tokens: list[int]
+    plan: PrefixPlan
+    stops: tuple[str, ...]
+    chat: bool
+
+
+class LlamaCppBackend(LlmBackend):
+    """Run GGUF models with llama.cpp.
+
+    ``LlamaCppBackend(config)`` loads at once; ``LlamaCppBackend()`` waits for
+    :meth:`load`. Use it as a context manager to unload on exit::
+
+        with LlamaCppBackend(LlmConfig("model.gguf")) as llm:
+            out = llm.generate([ChatMessage.user("Hi!")], GenerationConfig(max_tokens=32))
+    """
+
+    def __init__(self, config: LlmConfig | None = None) -> None:
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+        self._cache = PrefixCacheState()
+        if config is not None:
+            self.load(config)
+
+    # --- identity -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return "llama-cpp"
+
+    @property
+    def supported_formats(self) -> tuple[str, ...]:
+        return ("gguf",)
+
+    @property
+    def wire_label(self) -> str | None:
+        return "llamacpp"
+
+    @property
+    def execution_provider(self) -> str:
+        return execution_provider()
+
+    # --- lifecycle ---------------------------------------------------------------
+    def load(self, config: LlmConfig) -> None:
+        if not isinstance(config, LlmConfig):
+            raise InvalidInputError(f"load() needs an LlmConfig, got {type(config).__name__}")
+        path = resolve_model_path(config.model_path)
+        model = _engine.Model(str(path), gpu_layers=config.gpu_layers, use_mmap=config.use_mmap)
+        try:
+            context = _engine.Context(
+                model,
+                n_ctx=config.context_length,
+                n_batch=config.n_batch,
+                n_ubatch=config.n_ubatch,
+                n_threads=config.n_threads,
+                flash_attn=config.flash_attn,
+            )
+        except BaseException:
+            model.close()
+            raise
+        bos_text = model.token_text(model.bos_token) if model.bos_token >= 0 else ""
+        eos_text = model.token_text(model.eos_token) if model.eos_token >= 0 else ""
+        template = resolve_chat_template(
+            config.chat_template, model.chat_template(), model.architecture,
+            bos_token=bos_text, eos_token=eos_text)
+        with self._lock:
+            previous, self._loaded = self._loaded, _Loaded(
+                config, path, model, context, template, bos_text)
+            self._cache.reset()
+        if previous is not None:
+            _free(previous)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def unload(self) -> None:
+        with self._lock:
+            previous, self._loaded = self._loaded, None
+            self._cache.reset()
+        if previous is not None:
+            _free(previous)
+
+    def _require(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise ModelNotLoadedError("no model is loaded: call load(LlmConfig(...)) first")
+        return loaded
+
+    # --- facts ----------------------------------------------------------------------
+    @property
+    def supports_streaming(self) -> bool:
+        return True
+
+    @property
+    def model_path(self) -> Path | None:
+        return self._loaded.path if self._loaded else None
+
+    @property
+    def chat_template_name(self) -> str | None:
+        """Which template formats chat prompts (``"gemma"``, ``"jinja:model"``, ...)."""
+        return self._loaded.template.name if self._loaded else None
+
+    @property
+    def model(self) -> Any:
+        """The native :class:`xybrid._native._engine.Model` (tokenizer, metadata)."""
+        return self._require().model
+
+    def context_length(self) -> int | None:
+        return self._loaded.config.context_length if self._loaded else None
+
+    def memory_usage(self) -> int | None:
+        """Bytes of weights plus the context's state (KV cache), from llama.cpp."""
+        with self._lock:
+            loaded = self._loaded
+            if loaded is None:
+                return None
+            return int(loaded.model.size) + int(loaded.context.state_size)
+
+    def last_cached_prefix_len(self) -> int | None:
+        return self._cache.last_prefix_hit
+
+    def reset_cache(self) -> None:
+        """Forget the conversation held in the KV cache."""
+        with self._lock:
+            loaded = self._require()
+            loaded.context.memory_clear()
+            self._cache.reset()
+
+    # --- prompt preparation --------------------------------------------------------
+    def format_chat(self, messages: Sequence[MessageLike], *, tools: Any = None) -> str:
+        """The prompt text the chat template makes of ``messages``."""
+        loaded = self._require()
+        return loaded.template.render(_as_messages(messages), add_generation_prompt=True,
+                                      tools=tools)
+
+    def _tokenize_chat(self, loaded: _Loaded, prompt: str) -> list[int]:
+        tokens: list[int] = loaded.model.tokenize(prompt, add_special=True, parse_special=True)
+        # Templates that write the BOS text themselves would otherwise get a
+        # second BOS from the tokenizer.
+        bos = loaded.model.bos_token
+        if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+            tokens = tokens[1:]
+        return tokens
+
+    def _prepare(self, loaded: _Loaded, tokens: list[int], config: GenerationConfig,
+                 chat: bool) -> _Prepared:
+        if not tokens:
+            raise InvalidInputError("the prompt is empty")
+        n_ctx = loaded.context.n_ctx
+        if len(tokens) >= n_ctx:
+            raise ContextOverflowError(
+                f"input too long: {len(tokens)} tokens do not fit the context window of "
+                f"{n_ctx} tokens; shorten the prompt or the conversation history")
+        plan = self._cache.plan(tokens, config.max_tokens, n_ctx, loaded.model.has_recurrent_state)
+        stops = (merge_stop_patterns(config.stop_sequences, CHAT_STOP_PATTERNS) if chat
+                 else tuple(config.stop_sequences))
+        return _Prepared(tokens, plan, stops, chat)
+
+    def _apply_plan(self, loaded: _Loaded, prepared: _Prepared) -> tuple[list[int], int]:
+        plan = prepared.plan
+        if plan.full_clear or not loaded.context.seq_rm(_SEQ, plan.keep, -1):
+            loaded.context.memory_clear()
+            return prepared.tokens, 0
+        return plan.tail, plan.keep
+
+    # --- generation ------------------------------------------------------------------
+    def generate(self, messages: Sequence[MessageLike],
+                 config: GenerationConfig | None = None) -> GenerationOutput:
+        return self._run_chat(messages, config, None)
+
+    def generate_streaming(self, messages: Sequence[MessageLike], config: GenerationConfig | None,
+                           on_token: StreamingCallback) -> GenerationOutput:
+        if not callable(on_token):
+            raise InvalidInputError("on_token must be callable")
+        return self._run_chat(messages, config, on_token)
+
+    def generate_raw(self, prompt: str, config: GenerationConfig | None = None) -> GenerationOutput:
+        """Continue ``prompt`` verbatim (BOS added, special markers parsed, no
+        template). Only ``config.stop_sequences`` stop it; the text is returned
+        exactly as generated, leading space included."""
+        config = _config(config)
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
+        with self._lock:
+            loaded = self._require()
+            tokens = loaded.model.tokenize(prompt, add_special=True, parse_special=True)
+            prepared = self._prepare(loaded, tokens, config, chat=False)
+            return self._execute(loaded, prepared, config, None)
+
+    def stream(self, messages: Sequence[MessageLike],
+               config: GenerationConfig | None = None) -> Iterator[PartialToken]:
+        """Yield the reply as it is generated, then a final empty piece with
+        ``finish_reason``. Closing the generator early cancels the generation
+        (the KV cache is cleared, as after any cancelled call)."""
+        config = _config(config)
+        msgs = _as_messages(messages)
+        return self._stream(msgs, config)
+
+    def _stream(self, msgs: list[ChatMessage], config: GenerationConfig) -> Iterator[PartialToken]:
+        with self._lock:
+            loaded = self._require()
+            prompt = loaded.template.render(msgs, add_generation_prompt=True)
+            prepared = self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
+            tail, n_past = self._apply_plan(loaded, prepared)
+            sampler = _sampler(loaded.model, config)
+            gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
+                                        n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None)
+            text_filter = _filter_for(prepared)
+            index = 0
+            finished = False
+            try:
+                for chunk in gen:
+                    safe = text_filter.push(chunk)
+                    if safe:
+                        n = gen.tokens_at_last_chunk
+                        yield PartialToken(safe, index, text_filter.cumulative_emitted,
+                                           gen.token_at(n - 1) if n else None)
+                        index += 1
+                tail_text = text_filter.finish()
+                if tail_text:
+                    yield PartialToken(tail_text, index, text_filter.cumulative_emitted)
+                    index += 1
+                finished = True
+            finally:
+                if not finished:
+                    gen.close()
+                    self._forget(loaded)
+            output = self._finish(loaded, prepared, config, gen.result, n_past, text_filter)
+            yield PartialToken("", index, output.text, None, output.finish_reason)
+
+    def _run_chat(self, messages: Sequence[MessageLike], config: GenerationConfig | None,
+                  on_token: StreamingCallback | None) -> GenerationOutput:
+        config = _config(config)
+        msgs = _as_messages(messages)
+        with self._lock:
+            loaded = self._require()
+            prompt = loaded.template.render(msgs, add_generation_prompt=True)
+            prepared = self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
+            return self._execute(loaded, prepared, config, on_token)
+
+    def _execute(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
+                 on_token: StreamingCallback | None) -> GenerationOutput:
+        """Run the engine (lock held) and build the output."""
+        tail, n_past = self._apply_plan(loaded, prepared)
+        sampler = _sampler(loaded.model, config)
+        text_filter = _filter_for(prepared)
+        on_text: Callable[[str], object] | None = None
+        index = 0
+        if on_token is not None:
+            def on_text(chunk: str) -> object:
+                nonlocal index
+                safe = text_filter.push(chunk)
+                if not safe:
+                    return None
+                piece = PartialToken(safe, index, text_filter.cumulative_emitted)
+                index += 1
+                return on_token(piece)
+        try:
+            result = loaded.context.generate(tail, sampler, max_tokens=config.max_tokens,
+                                             n_past=n_past, seq_id=_SEQ,
+                                             stop=prepared.stops or None, on_text=on_text)
+        except BaseException:
+            self._forget(loaded)
+            raise
+        if on_token is not None and result.stop_reason != "cancelled":
+            rest = text_filter.finish()
+            if rest:
+                on_token(PartialToken(rest, index, text_filter.cumulative_emitted))
+                index += 1
+        output = self._finish(loaded, prepared, config, result, n_past, text_filter)
+        if on_token is not None:
+            on_token(PartialToken("", index, output.text, None, output.finish_reason))
+        return output
+
+    def _forget(self, loaded: _Loaded) -> None:
+        """After a failed or cancelled run nothing in the cache can be trusted."""
+        loaded.context.memory_clear()
+        self._cache.reset()
+
+    def _finish(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
+                result: Any, n_past: int, text_filter: StreamingTextFilter) -> GenerationOutput:
+        """Record the cache, clean the text, derive finish reason and telemetry."""
+        if result.stop_reason == "cancelled":
+            self._forget(loaded)
+        else:
+            # The cache now holds the prompt and the generated tokens that
+            # went through llama_decode (the last sampled one usually did not).
+            self._cache.commit(prepared.tokens + list(result.tokens[: result.n_decoded]), n_past)
+        text = result.text
+        stopped = result.stop_reason in ("stop", "eog")
+        if prepared.chat:
+            final_patterns = merge_stop_patterns(
+                config.stop_sequences, CHAT_STOP_PATTERNS + CHAT_STOP_PATTERNS_BROKEN)
+            text, cut = truncate_at_first_stop(text, final_patterns)
+            text, trimmed = trim_partial_stop_suffix(text, final_patterns)
+            text = strip_thinking_tags(text).strip()
+            stopped = stopped or cut or trimmed or text_filter.is_stopped
+        finish_reason = {"cancelled": "cancelled"}.get(
+            result.stop_reason, "stop" if stopped else "length")
+        prefilled = result.n_prompt  # tokens actually decoded in prefill
+        tel = compute_telemetry(
+            start_ns=result.t_start_ns, prefill_end_ns=result.t_prefill_end_ns,
+            token_times_ns=result.token_ns, chunk_times_ns=result.chunk_ns,
+            end_ns=result.t_end_ns, prompt_tokens=len(prepared.tokens),
+            prefilled_tokens=prefilled)
+        output = GenerationOutput(
+            text=text,
+            tokens_generated=len(result.tokens),
+            generation_time_ms=tel.generation_time_ms,
+            tokens_per_second=tel.tokens_per_second,
+            finish_reason=finish_reason,
+            ttft_ms=tel.ttft_ms,
+            mean_itl_ms=tel.mean_itl_ms,
+            p95_itl_ms=tel.p95_itl_ms,
+            emitted_chunks=tel.emitted_chunks,
+            inter_chunk_ms=tel.inter_chunk_ms,
+            decode_tps=tel.decode_tps,
+            prefill_tps=tel.prefill_tps,
+            prompt_tokens=len(prepared.tokens),
+            cached_prompt_tokens=len(prepared.tokens) - prefilled,
+            stop_reason=result.stop_reason,
+            token_ids=tuple(result.tokens),
+        )
+        record_on_current_span(output)
+        return output
+
+
+def _free(loaded: _Loaded) -> None:
+    loaded.context.close()
+    loaded.model.close()
+
+
+def _config(config: GenerationConfig | None) -> GenerationConfig:
+    if config is None:
+        return GenerationConfig()
+    if not isinstance(config, GenerationConfig):
+        raise InvalidInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    return config
+
+
+def _as_messages(messages: Sequence[MessageLike]) -> list[ChatMessage]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidInputError(
+            "messages must be a sequence of ChatMessage or {'role', 'content'} dicts; "
+            "for a plain prompt use generate_raw()")
+    if not messages:
+        raise InvalidInputError("messages is empty")
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, ChatMessage):
+            out.append(m)
+        elif isinstance(m, dict):
+            out.append(ChatMessage.from_dict(m))
+        else:
+            raise InvalidInputError(f"messages[{i}] must be a ChatMessage or a dict, got {type(m).__name__}")
+    return out
+
+
+def _sampler(model: Any, config: GenerationConfig) -> Any:
+    return _engine.Sampler(
+        model,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        repeat_penalty=config.repetition_penalty,
+        repeat_last_n=config.repetition_penalty_window,
+        frequency_penalty=config.frequency_penalty,
+        presence_penalty=config.presence_penalty,
+        seed=config.seed,
+        grammar=config.grammar,
+    )
+
+
+def _filter_for(prepared: _Prepared) -> StreamingTextFilter:
+    """Chat replies hide reasoning blocks and stop at chat markers; raw
+    continuations pass through untouched (the engine already cut at the
+    caller's stop sequences)."""
+    if prepared.chat:
+        return StreamingTextFilter(prepared.stops)
+    return StreamingTextFilter((), strip_thinking=False)
