@@ -1,5 +1,9 @@
 # Context: the KV cache / recurrent state, batches and decode primitives.
 
+POOLING_TYPES = {"none": LLAMA_POOLING_TYPE_NONE, "mean": LLAMA_POOLING_TYPE_MEAN,
+                 "cls": LLAMA_POOLING_TYPE_CLS, "last": LLAMA_POOLING_TYPE_LAST}
+
+
 cdef class Context:
     """A llama.cpp inference context over a :class:`Model`.
 
@@ -15,6 +19,7 @@ cdef class Context:
     cdef bint has_batch
     cdef bint busy
     cdef readonly int n_batch_alloc
+    cdef readonly bint embeddings
 
     def __cinit__(self):
         self.ptr = NULL
@@ -23,7 +28,7 @@ cdef class Context:
 
     def __init__(self, Model model not None, *, n_ctx=4096, n_batch=512, n_ubatch=512,
                  n_threads=0, n_threads_batch=0, bint flash_attn=False, n_seq_max=1,
-                 bint embeddings=False, pooling=None):
+                 bint embeddings=False, pooling=None, bint kv_unified=True):
         model.check_open()
         check_positive("n_ctx", n_ctx)
         check_positive("n_batch", n_batch)
@@ -43,9 +48,16 @@ cdef class Context:
         params.n_threads_batch = n_threads_batch or n_threads or cpus
         params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.embeddings = embeddings
+        if embeddings:
+            # Inputs of one embedding batch are separate sequences sharing one
+            # KV buffer; nothing is kept between batches.
+            params.kv_unified = kv_unified
+            params.swa_full = True
         params.no_perf = False
         if pooling is not None:
-            params.pooling_type = pooling
+            if pooling not in POOLING_TYPES:
+                raise InvalidInputError(f"pooling must be one of {sorted(POOLING_TYPES)}, got {pooling!r}")
+            params.pooling_type = POOLING_TYPES[pooling]
         take_log_tail()
         with nogil:
             self.ptr = llama_init_from_model(model.ptr, params)
@@ -56,6 +68,7 @@ cdef class Context:
         self.model = model
         model.n_contexts += 1
         self.n_batch_alloc = llama_n_batch(self.ptr)
+        self.embeddings = embeddings
         self.batch = llama_batch_init(self.n_batch_alloc, 0, n_seq_max)
         if self.batch.token == NULL:
             self.close()
@@ -149,6 +162,18 @@ cdef class Context:
         self.check_open()
         llama_perf_context_reset(self.ptr)
 
+    cdef int check_seq(self, int seq_id, bint allow_all=False) except -1:
+        # llama.cpp's KV cache GGML_ASSERTs (aborting the process) on a
+        # sequence id outside 0..LLAMA_MAX_SEQ-1; refuse anything outside this
+        # context's sequences (-1 = "every sequence" where llama.cpp allows it).
+        if allow_all and seq_id == -1:
+            return 0
+        if seq_id < 0 or seq_id >= <int> llama_n_seq_max(self.ptr):
+            raise InvalidInputError(
+                f"seq_id {seq_id} is outside 0..{llama_n_seq_max(self.ptr) - 1}"
+                + (" (or -1 for every sequence)" if allow_all else ""))
+        return 0
+
     # --- memory ---------------------------------------------------------------------
     def memory_clear(self):
         """Empty the KV cache / recurrent state of every sequence."""
@@ -159,19 +184,23 @@ cdef class Context:
         """Remove positions [p0, p1) of a sequence (p1 = -1: to the end).
 
         Returns False when the memory cannot do a partial removal (recurrent
-        state); the caller must then clear the sequence instead.
+        state); the caller must then clear the sequence instead. ``seq_id``
+        -1 removes the positions from every sequence.
         """
         self.check_idle()
+        self.check_seq(seq_id, True)
         return bool(llama_memory_seq_rm(llama_get_memory(self.ptr), seq_id, p0, p1))
 
     def seq_pos_max(self, int seq_id=0):
         """Largest position stored for a sequence, -1 when empty."""
         self.check_open()
+        self.check_seq(seq_id)
         return llama_memory_seq_pos_max(llama_get_memory(self.ptr), seq_id)
 
     # --- generation -------------------------------------------------------------------
     def generate(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
-                 int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT):
+                 int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
+                 bint logits_ready=False):
         """Decode ``tokens`` after ``n_past`` cached positions of ``seq_id``
         and generate up to ``max_tokens`` tokens. Returns a
         :class:`GenerationResult`.
@@ -182,11 +211,14 @@ cdef class Context:
         the previous call; returning ``False`` stops the generation (stop
         reason "cancelled"), and an exception it raises stops it and is
         re-raised here. Either way the context is ready for the next call.
+
+        ``logits_ready=True`` with empty ``tokens`` starts sampling from the
+        logits the previous decode left (e.g. after :meth:`eval_chunks`).
         """
         self.check_idle()
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop,
-                  on_text is not None, buffer_limit)
+                  on_text is not None, buffer_limit, logits_ready)
         if on_text is None:
             gen.run_inline()
         else:
@@ -203,14 +235,117 @@ cdef class Context:
         return gen.result
 
     def stream(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
-               int seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT):
+               int seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
+               bint logits_ready=False):
         """Start a generation on a native thread and return the
         :class:`Generation` iterator of its text chunks."""
         self.check_idle()
         cdef Generation gen = Generation.__new__(Generation)
-        gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop, True, buffer_limit)
+        gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop, True, buffer_limit,
+                  logits_ready)
         gen.start_thread()
         return gen
+
+    # --- multimodal prompts ---------------------------------------------------------------
+    def eval_chunks(self, Multimodal mm not None, Chunks chunks not None, int n_past=0, int seq_id=0):
+        """Decode a tokenized multimodal prompt (text decoded, media encoded
+        then decoded as embeddings) with the GIL released. Returns the new
+        ``n_past``; the logits of the last position are ready, so a
+        generation can follow with ``logits_ready=True``."""
+        self.check_idle()
+        mm.check_open()
+        if mm.model is not self.model:
+            raise InvalidInputError("the projector was loaded for another model")
+        if chunks.ptr == NULL or len(chunks) == 0:
+            raise InvalidInputError("the multimodal prompt is empty")
+        cdef int32_t n_ctx = llama_n_ctx(self.ptr)
+        if n_past + chunks.n_pos >= n_ctx:
+            raise ContextOverflowError(
+                f"the prompt needs {n_past + chunks.n_pos} positions (media included) but the "
+                f"context holds {n_ctx}")
+        cdef llama_pos new_n_past = 0
+        cdef int32_t rc
+        take_log_tail()
+        with nogil:
+            rc = mtmd_helper_eval_chunks(mm.ptr, self.ptr, chunks.ptr, n_past, seq_id,
+                                         self.n_batch_alloc, True, &new_n_past)
+        if rc != 0:
+            reason = take_log_tail()
+            raise GenerationError(f"evaluating the multimodal prompt failed (code {rc})"
+                                  + (f": {reason}" if reason else ""))
+        return int(new_n_past)
+
+    # --- embeddings -----------------------------------------------------------------------
+    @property
+    def pooling(self):
+        """The pooling llama.cpp applies to embeddings: "none", "mean", "cls", "last", "rank"."""
+        self.check_open()
+        return {LLAMA_POOLING_TYPE_NONE: "none", LLAMA_POOLING_TYPE_MEAN: "mean",
+                LLAMA_POOLING_TYPE_CLS: "cls", LLAMA_POOLING_TYPE_LAST: "last",
+                LLAMA_POOLING_TYPE_RANK: "rank"}.get(llama_get_pooling_type(self.ptr), "unspecified")
+
+    def embed(self, sequences):
+        """Pooled embeddings of several token sequences in ONE decode call,
+        one llama sequence per input (they do not attend to each other).
+
+        Returns ``(data, n_embd)``: ``data`` is a bytearray of
+        ``len(sequences) * n_embd`` float32 values, row per input. The caller
+        keeps ``len(sequences) <= n_seq_max`` and the total token count
+        ``<= n_batch``.
+        """
+        self.check_idle()
+        if not self.embeddings:
+            raise XybridError("this context was created without embeddings=True")
+        if llama_get_pooling_type(self.ptr) == LLAMA_POOLING_TYPE_NONE:
+            raise InvalidInputError("pooled embeddings need a pooling type other than 'none'")
+        cdef Py_ssize_t n_seq = len(sequences)
+        if n_seq == 0:
+            raise InvalidInputError("no inputs to embed")
+        if n_seq > <Py_ssize_t> llama_n_seq_max(self.ptr):
+            raise InvalidInputError(
+                f"{n_seq} inputs exceed the context's {llama_n_seq_max(self.ptr)} sequences per batch")
+        cdef int32_t n_vocab = llama_vocab_n_tokens(self.model.vocab)
+        cdef int32_t n_embd = llama_model_n_embd(self.model.ptr)
+        cdef Py_ssize_t total = 0, i, j, k = 0
+        for i in range(n_seq):
+            if len(sequences[i]) == 0:
+                raise InvalidInputError(f"input {i} has no tokens")
+            total += len(sequences[i])
+        if total > self.n_batch_alloc:
+            raise ContextOverflowError(
+                f"{total} tokens exceed the embedding batch of {self.n_batch_alloc} tokens")
+        for i in range(n_seq):
+            seq = sequences[i]
+            for j in range(len(seq)):
+                t = seq[j]
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= n_vocab:
+                    raise InvalidInputError(f"input {i} token {j} = {t!r} is not a token id")
+                self.batch.token[k] = t
+                self.batch.pos[k] = j
+                self.batch.n_seq_id[k] = 1
+                self.batch.seq_id[k][0] = i
+                self.batch.logits[k] = 1
+                k += 1
+        self.batch.n_tokens = <int32_t> total
+        cdef int32_t rc
+        cdef bint use_encoder = llama_model_has_encoder(self.model.ptr) and not llama_model_has_decoder(self.model.ptr)
+        with nogil:
+            llama_memory_clear(llama_get_memory(self.ptr), True)
+            if use_encoder:
+                rc = llama_encode(self.ptr, self.batch)
+            else:
+                rc = llama_decode(self.ptr, self.batch)
+        if rc != 0:
+            raise GenerationError(f"embedding decode failed with code {rc}" + _decode_hint(rc))
+        out = bytearray(n_seq * n_embd * sizeof(float))
+        cdef unsigned char[::1] view = out
+        cdef float * row
+        for i in range(n_seq):
+            row = llama_get_embeddings_seq(self.ptr, <llama_seq_id> i)
+            if row == NULL:
+                raise GenerationError(f"llama.cpp returned no embedding for input {i}")
+            memcpy(&view[i * n_embd * sizeof(float)], row, n_embd * sizeof(float))
+        return out, n_embd
 
     # --- step-by-step primitives ---------------------------------------------------
     def decode(self, tokens, int pos0=0, int seq_id=0, bint logits_last=True):
@@ -219,6 +354,7 @@ cdef class Context:
         token only. The generation loop does the same in C; this is for callers
         that drive their own loop."""
         self.check_idle()
+        self.check_seq(seq_id)
         cdef Py_ssize_t n = len(tokens)
         if n == 0:
             raise InvalidInputError("tokens is empty")

@@ -23,6 +23,7 @@ from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from xybrid._native.llama cimport *
+from xybrid._native.mtmd cimport *
 
 import os
 import threading
@@ -73,6 +74,8 @@ cdef class Model
 cdef class Context
 cdef class Sampler
 cdef class Generation
+cdef class Multimodal
+cdef class Chunks
 
 
 include "_backend.pxi"
@@ -80,3 +83,4 @@ include "_model.pxi"
 include "_sampler.pxi"
 include "_context.pxi"
 include "_generation.pxi"
+include "_multimodal.pxi"

@@ -209,7 +209,9 @@ cdef void gen_run(GenState * g) noexcept nogil:
     cdef llama_token tok
     cdef int acc
     g.t_start_ns = xy_now_ns()
-    rc = decode_tokens(g.ctx, g.batch, g.n_batch, g.prompt, g.n_prompt, g.n_past, g.seq_id, True, &g.cancel)
+    rc = 0
+    if g.n_prompt > 0:  # 0: the logits of a previous decode are ready
+        rc = decode_tokens(g.ctx, g.batch, g.n_batch, g.prompt, g.n_prompt, g.n_past, g.seq_id, True, &g.cancel)
     if rc != 0:
         g.t_prefill_end_ns = xy_now_ns()
         if xy_atomic_load(&g.cancel):
@@ -321,12 +323,15 @@ cdef class Generation:
         self.error = None
 
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
-                   Sampler sampler, stop, bint streaming, size_t buffer_limit) except -1:
+                   Sampler sampler, stop, bint streaming, size_t buffer_limit,
+                   bint logits_ready=False) except -1:
         cdef Py_ssize_t i, n = len(tokens)
         cdef int32_t n_ctx = llama_n_ctx(context.ptr)
         cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
-        if n == 0:
+        if n == 0 and not logits_ready:
             raise InvalidInputError("the prompt is empty: nothing to decode")
+        if n > 0 and logits_ready:
+            raise InvalidInputError("logits_ready=True takes no prompt tokens")
         if max_tokens <= 0:
             raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens}")
         if n_past < 0:
@@ -360,7 +365,7 @@ cdef class Generation:
         g.max_tokens = max_tokens
         g.streaming = streaming
         g.buffer_limit = buffer_limit
-        g.prompt = <llama_token *> malloc(n * sizeof(llama_token))
+        g.prompt = <llama_token *> malloc(max(n, 1) * sizeof(llama_token))
         g.out_tokens = <llama_token *> malloc(max_tokens * sizeof(llama_token))
         g.token_ns = <int64_t *> malloc(max_tokens * sizeof(int64_t))
         g.n_stops = <int32_t> len(self.stop_bytes)
@@ -443,11 +448,15 @@ cdef class Generation:
     def cancel(self):
         """Ask the loop to stop at its next step. Safe from any thread."""
         xy_atomic_store(&self.g.cancel, 1)
-        if self.thread_started:
-            with nogil:
-                pthread_mutex_lock(&self.g.mu)
-                pthread_cond_broadcast(&self.g.cond_space)
-                pthread_mutex_unlock(&self.g.mu)
+        # Keep the GIL while touching the mutex: finish() (on the consuming
+        # thread) destroys it in release() under the GIL right after joining
+        # the worker, so releasing the GIL here between the thread_started
+        # check and the lock could lock a destroyed mutex. Holding the GIL
+        # cannot deadlock: nobody waits for the GIL while holding `mu`.
+        if self.thread_started and self.sync_ready:
+            pthread_mutex_lock(&self.g.mu)
+            pthread_cond_broadcast(&self.g.cond_space)
+            pthread_mutex_unlock(&self.g.mu)
 
     def token_at(self, int index):
         """The id of sampled token ``index`` (< tokens_at_last_chunk), e.g. the

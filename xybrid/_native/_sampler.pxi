@@ -106,6 +106,9 @@ cdef class Sampler:
 
     def reset(self):
         """Forget accepted tokens (penalty history, grammar state)."""
+        # Resetting a grammar stage rebuilds it from the model's vocabulary:
+        # after Model.close() that would read freed memory.
+        self.model.check_open()
         if self.ptr != NULL:
             llama_sampler_reset(self.ptr)
 
@@ -117,7 +120,14 @@ cdef class Sampler:
     def sample(self, Context context not None, int index=-1):
         """Sample (and accept) one token from the logits of output ``index`` of
         the last decode. A building block for step-by-step loops in Python."""
-        context.check_open()
+        # Not while a generation runs on the context: the loop owns its logits.
+        context.check_idle()
+        # llama_sampler_sample aborts the whole process (GGML_ASSERT) when the
+        # requested output has no logits (nothing decoded yet, or an index
+        # that the last decode did not compute); ask first and raise instead.
+        if llama_get_logits_ith(context.ptr, index) == NULL:
+            take_log_tail()
+            raise XybridError(f"no logits for output {index} (was it requested in the last decode?)")
         cdef llama_token tok
         with nogil:
             tok = llama_sampler_sample(self.ptr, context.ptr, index)

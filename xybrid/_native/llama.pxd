@@ -119,6 +119,7 @@ cdef extern from "llama.h" nogil:
         bint offload_kqv
         bint no_perf
         bint kv_unified
+        bint swa_full
 
     ctypedef struct llama_batch:
         int32_t n_tokens

@@ -39,6 +39,10 @@ __all__ = [
     "write_tiny_lfm2",
     "write_tiny_recurrent",
     "write_tiny_hybrid",
+    "write_tiny_mmproj_vision",
+    "write_tiny_mmproj_audio",
+    "write_tiny_mmproj_omni",
+    "write_tiny_vlm",
 ]
 
 # Scale of the random normal weights: small enough that activations stay
@@ -465,3 +469,340 @@ def write_tiny_hybrid(path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """A tiny model llama.cpp treats as hybrid (attention + recurrent
     layers): :func:`write_tiny_lfm2`."""
     return write_tiny_lfm2(path, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# multimodal projectors (mtmd "mmproj" files)
+# --------------------------------------------------------------------------
+#
+# An mmproj file is a separate GGUF (general.architecture = "clip") that
+# llama.cpp's mtmd library loads next to a text model: an encoder turns an
+# image or an audio clip into a sequence of embeddings of the text model's
+# width (n_embd), which are decoded in place of token embeddings. mtmd checks
+# that width against the text model and refuses a mismatch (mtmd_init_from_file
+# returns NULL), so the projector's output size is a parameter here.
+#
+# The keys and tensor names below are those tools/mtmd/clip.cpp and
+# clip-impl.h read. Weights are random; their scale is 1/sqrt(fan_in) so
+# activations stay O(1) through the encoder and the embeddings the text model
+# receives are neither vanishing nor huge (a real image then visibly changes
+# the logits).
+
+_MMPROJ_LN_EPS = 1e-5
+# mtmd's whisper-style preprocessing cuts the log-mel into 30 s windows of
+# 3000 frames; the encoder's stride-2 conv halves that, so the position
+# table must have at least 1500 rows.
+_WHISPER_N_POS = 1500
+
+
+def _fan_in(w: _Weights, name: str, ne: Sequence[int], fan_in: int) -> None:
+    w.matrix(name, ne, scale=1.0 / float(np.sqrt(fan_in)))
+
+
+def _add_encoder_layers(
+    w: _Weights, prefix: str, n_layer: int, n_embd: int, n_ff: int, *, k_bias: bool
+) -> None:
+    """Pre-norm ViT/Whisper blocks as clip.cpp loads them (``{prefix}.blk.N.*``).
+
+    Whisper's K projection has no bias and clip.cpp's whisper graph asserts
+    that (``GGML_ASSERT(!model.layers[0].k_b)``), hence ``k_bias``."""
+    zeros = np.zeros(n_embd, dtype=np.float32)
+    for i in range(n_layer):
+        b = f"{prefix}.blk.{i}."
+        w.ones(b + "ln1.weight", n_embd)
+        w.f32(b + "ln1.bias", zeros)
+        for t in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            _fan_in(w, b + t + ".weight", (n_embd, n_embd), n_embd)
+            if t != "attn_k" or k_bias:
+                w.f32(b + t + ".bias", zeros)
+        w.ones(b + "ln2.weight", n_embd)
+        w.f32(b + "ln2.bias", zeros)
+        _fan_in(w, b + "ffn_up.weight", (n_embd, n_ff), n_embd)
+        w.f32(b + "ffn_up.bias", np.zeros(n_ff, dtype=np.float32))
+        _fan_in(w, b + "ffn_down.weight", (n_ff, n_embd), n_ff)
+        w.f32(b + "ffn_down.bias", zeros)
+
+
+def _check_heads(n_embd: int, n_head: int, n_ff: int, what: str) -> None:
+    if n_embd % n_head:
+        raise ValueError(f"{what}: n_embd must be a multiple of n_head")
+    if n_ff == n_embd:
+        # clip.cpp "fixes" legacy files whose ffn_up/ffn_down were swapped by
+        # testing ffn_down.ne[0] == n_embd; with n_ff == n_embd that test
+        # cannot tell, so keep them different.
+        raise ValueError(f"{what}: n_ff must differ from n_embd")
+
+
+def _vision_part(
+    w: _Weights,
+    kv: list[tuple[str, Any, str]],
+    *,
+    text_model_n_embd: int,
+    n_embd: int,
+    n_layer: int,
+    n_head: int,
+    n_ff: int,
+    image_size: int,
+    patch_size: int,
+    proj_hidden: int,
+) -> None:
+    """A LLaVA-1.5-style vision tower: CLIP ViT + 2-layer GELU MLP projector
+    (clip.cpp projector type ``mlp``)."""
+    _check_heads(n_embd, n_head, n_ff, "vision")
+    if image_size % patch_size:
+        raise ValueError("image_size must be a multiple of patch_size")
+    n_patches = (image_size // patch_size) ** 2
+    kv += [
+        ("clip.vision.embedding_length", n_embd, "u32"),
+        ("clip.vision.feed_forward_length", n_ff, "u32"),
+        ("clip.vision.block_count", n_layer, "u32"),
+        ("clip.vision.attention.head_count", n_head, "u32"),
+        ("clip.vision.attention.layer_norm_epsilon", _MMPROJ_LN_EPS, "f32"),
+        ("clip.vision.projection_dim", text_model_n_embd, "u32"),
+        ("clip.vision.image_size", image_size, "u32"),
+        ("clip.vision.patch_size", patch_size, "u32"),
+        # OpenAI CLIP's normalisation, as in every LLaVA-1.5 mmproj
+        ("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073], "f32[]"),
+        ("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711], "f32[]"),
+    ]
+    # patch embedding: a conv2d, kernel = stride = patch_size, no bias (as CLIP)
+    _fan_in(w, "v.patch_embd.weight", (patch_size, patch_size, 3, n_embd), 3 * patch_size * patch_size)
+    w.f32_random("v.position_embd.weight", (n_embd, n_patches))
+    w.ones("v.pre_ln.weight", n_embd)
+    w.f32("v.pre_ln.bias", np.zeros(n_embd, dtype=np.float32))
+    _add_encoder_layers(w, "v", n_layer, n_embd, n_ff, k_bias=True)
+    # projector: mm.0 -> GELU -> mm.2; clip_n_mmproj_embd() is mm.2's output size
+    _fan_in(w, "mm.0.weight", (n_embd, proj_hidden), n_embd)
+    w.f32("mm.0.bias", np.zeros(proj_hidden, dtype=np.float32))
+    _fan_in(w, "mm.2.weight", (proj_hidden, text_model_n_embd), proj_hidden)
+    w.f32("mm.2.bias", np.zeros(text_model_n_embd, dtype=np.float32))
+
+
+def _audio_part(
+    w: _Weights,
+    kv: list[tuple[str, Any, str]],
+    *,
+    text_model_n_embd: int,
+    n_embd: int,
+    n_layer: int,
+    n_head: int,
+    n_ff: int,
+    n_mel_bins: int,
+) -> None:
+    """A Qwen2-Audio-style audio tower: Whisper encoder (2 conv1d, transformer,
+    average pool) + one linear projector (clip.cpp projector type ``qwen2a``)."""
+    _check_heads(n_embd, n_head, n_ff, "audio")
+    if not 1 <= n_mel_bins <= 256:
+        raise ValueError("n_mel_bins must be in [1, 256] (clip.cpp rejects others)")
+    kv += [
+        ("clip.audio.embedding_length", n_embd, "u32"),
+        ("clip.audio.feed_forward_length", n_ff, "u32"),
+        ("clip.audio.block_count", n_layer, "u32"),
+        ("clip.audio.attention.head_count", n_head, "u32"),
+        ("clip.audio.attention.layer_norm_epsilon", _MMPROJ_LN_EPS, "f32"),
+        ("clip.audio.projection_dim", text_model_n_embd, "u32"),
+        # the number of mel bands mtmd computes; the first conv's input channels
+        ("clip.audio.num_mel_bins", n_mel_bins, "u32"),
+    ]
+    # conv1d kernels, ggml order {kernel, in_channels, out_channels}; the
+    # biases are {1, channels} so they broadcast over the conv output
+    # {frames, channels} (convert_hf_to_gguf unsqueezes them the same way;
+    # a flat bias makes ggml_add abort while mtmd builds the graph)
+    conv_bias = np.zeros((n_embd, 1), dtype=np.float32)
+    _fan_in(w, "a.conv1d.1.weight", (3, n_mel_bins, n_embd), 3 * n_mel_bins)
+    w.f32("a.conv1d.1.bias", conv_bias)
+    _fan_in(w, "a.conv1d.2.weight", (3, n_embd, n_embd), 3 * n_embd)
+    w.f32("a.conv1d.2.bias", conv_bias)
+    w.f32_random("a.position_embd.weight", (n_embd, _WHISPER_N_POS))
+    _add_encoder_layers(w, "a", n_layer, n_embd, n_ff, k_bias=False)
+    w.ones("a.post_ln.weight", n_embd)
+    w.f32("a.post_ln.bias", np.zeros(n_embd, dtype=np.float32))
+    _fan_in(w, "mm.a.fc.weight", (n_embd, text_model_n_embd), n_embd)
+    w.f32("mm.a.fc.bias", np.zeros(text_model_n_embd, dtype=np.float32))
+
+
+def _write_mmproj(
+    gguf: Any,
+    path: str | os.PathLike[str],
+    name: str,
+    kv: list[tuple[str, Any, str]],
+    weights: _Weights,
+) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    GT = gguf.GGUFValueType
+    types = {"u32": GT.UINT32, "f32": GT.FLOAT32, "bool": GT.BOOL, "str": GT.STRING}
+    writer = gguf.GGUFWriter(str(out), "clip")
+    try:
+        writer.add_name(name)
+        file_type = gguf.LlamaFileType.MOSTLY_F16 if weights.np_dtype == np.float16 else gguf.LlamaFileType.ALL_F32
+        writer.add_file_type(int(file_type))
+        for key, value, vtype in kv:
+            if vtype == "f32[]":
+                # clip.cpp insists on FLOAT32 elements (get_arr_f32)
+                arr = [float(v) for v in value]
+                try:
+                    writer.add_key_value(key, arr, GT.ARRAY, sub_type=GT.FLOAT32)
+                except TypeError:  # older gguf without sub_type: floats infer FLOAT32
+                    writer.add_array(key, arr)
+            else:
+                writer.add_key_value(key, value, types[vtype])
+        for tname, array in weights.tensors:
+            writer.add_tensor(tname, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return out
+
+
+def write_tiny_mmproj_vision(
+    path: str | os.PathLike[str],
+    *,
+    text_model_n_embd: int = 64,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    proj_hidden: int = 64,
+    seed: int = 0,
+    dtype: str = "f16",
+) -> Path:
+    """Write a tiny random-weight *vision* projector (mmproj) GGUF to ``path``.
+
+    Projector type ``mlp`` (LLaVA-1.5): a CLIP ViT whose patch features go
+    through ``mm.0 -> GELU -> mm.2``. Of clip.cpp's vision projectors it needs
+    the fewest keys and tensors, no special tokens, no M-RoPE and no dynamic
+    resolution: every image is padded to a square and resized to
+    ``image_size``, giving ``(image_size // patch_size) ** 2`` image tokens
+    (16 by default). Like LLaVA, the encoder runs ``n_layer - 1`` of its
+    blocks (the penultimate layer's features).
+
+    ``text_model_n_embd`` must equal the text model's ``n_embd`` (64 for
+    :func:`write_tiny_llama`'s defaults) or ``mtmd_init_from_file`` refuses
+    the pair. Deterministic for a given seed. Returns the path.
+    """
+    gguf = _import_gguf()
+    kv: list[tuple[str, Any, str]] = [
+        ("clip.projector_type", "mlp", "str"),
+        ("clip.has_vision_encoder", True, "bool"),
+        ("clip.has_audio_encoder", False, "bool"),
+    ]
+    w = _Weights(seed, dtype)
+    _vision_part(
+        w, kv, text_model_n_embd=text_model_n_embd, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        n_ff=n_ff, image_size=image_size, patch_size=patch_size, proj_hidden=proj_hidden,
+    )
+    return _write_mmproj(gguf, path, "xybrid-tiny-mmproj-vision", kv, w)
+
+
+def write_tiny_mmproj_audio(
+    path: str | os.PathLike[str],
+    *,
+    text_model_n_embd: int = 64,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 64,
+    n_mel_bins: int = 128,
+    seed: int = 0,
+    dtype: str = "f16",
+) -> Path:
+    """Write a tiny random-weight *audio* projector (mmproj) GGUF to ``path``.
+
+    Projector type ``qwen2a`` (Qwen2-Audio): a Whisper encoder (conv1d k=3,
+    conv1d k=3 stride 2, transformer, average pool 2) and a single linear
+    layer, the fewest tensors of the whisper-style projectors (ultravox and
+    voxtral add a stacking MLP). mtmd computes a 16 kHz log-mel spectrogram
+    with ``n_mel_bins`` bands (Qwen2-Audio/Whisper-v3: 128, Whisper v1/v2: 80)
+    and cuts it into 30 s windows: every started 30 s of audio becomes
+    **750 audio tokens** (3000 frames / 2 / 2), even for a 1 s clip, so the
+    text context needs room for them.
+
+    ``text_model_n_embd`` must equal the text model's ``n_embd``.
+    Deterministic for a given seed. Returns the path.
+    """
+    gguf = _import_gguf()
+    kv: list[tuple[str, Any, str]] = [
+        ("clip.projector_type", "qwen2a", "str"),
+        ("clip.has_vision_encoder", False, "bool"),
+        ("clip.has_audio_encoder", True, "bool"),
+    ]
+    w = _Weights(seed, dtype)
+    _audio_part(
+        w, kv, text_model_n_embd=text_model_n_embd, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        n_ff=n_ff, n_mel_bins=n_mel_bins,
+    )
+    return _write_mmproj(gguf, path, "xybrid-tiny-mmproj-audio", kv, w)
+
+
+def write_tiny_mmproj_omni(
+    path: str | os.PathLike[str],
+    *,
+    text_model_n_embd: int = 64,
+    image_size: int = 32,
+    patch_size: int = 8,
+    n_mel_bins: int = 128,
+    seed: int = 0,
+    dtype: str = "f16",
+) -> Path:
+    """Write one projector GGUF carrying *both* a vision and an audio encoder.
+
+    The vision tower of :func:`write_tiny_mmproj_vision` (``mlp``) and the
+    audio tower of :func:`write_tiny_mmproj_audio` (``qwen2a``) in one file,
+    selected per modality by ``clip.vision.projector_type`` and
+    ``clip.audio.projector_type`` (no global ``clip.projector_type``, which
+    would apply to both), as Qwen2.5-Omni-style files do. mtmd then reports
+    both ``mtmd_support_vision`` and ``mtmd_support_audio``. Both towers
+    project to ``text_model_n_embd`` (mtmd also refuses towers of different
+    widths). Deterministic for a given seed. Returns the path.
+    """
+    gguf = _import_gguf()
+    kv: list[tuple[str, Any, str]] = [
+        ("clip.vision.projector_type", "mlp", "str"),
+        ("clip.audio.projector_type", "qwen2a", "str"),
+        ("clip.has_vision_encoder", True, "bool"),
+        ("clip.has_audio_encoder", True, "bool"),
+    ]
+    w = _Weights(seed, dtype)
+    _vision_part(
+        w, kv, text_model_n_embd=text_model_n_embd, n_embd=32, n_layer=2, n_head=4, n_ff=64,
+        image_size=image_size, patch_size=patch_size, proj_hidden=64,
+    )
+    _audio_part(
+        w, kv, text_model_n_embd=text_model_n_embd, n_embd=32, n_layer=2, n_head=4, n_ff=64,
+        n_mel_bins=n_mel_bins,
+    )
+    return _write_mmproj(gguf, path, "xybrid-tiny-mmproj-omni", kv, w)
+
+
+def write_tiny_vlm(
+    directory: str | os.PathLike[str],
+    *,
+    vision: bool = True,
+    audio: bool = False,
+    n_embd: int = 64,
+    seed: int = 0,
+    llama_cpp_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
+    """Write a matching (text model, projector) pair into ``directory``.
+
+    The text model is :func:`write_tiny_llama` with ``n_embd``; the projector
+    is the vision (default), audio or, with both flags, the combined
+    projector, sized to that ``n_embd``. Files are named ``model.gguf`` and
+    ``mmproj-{vision,audio,omni}.gguf``. Returns ``(model_path, mmproj_path)``.
+    """
+    if not (vision or audio):
+        raise ValueError("write_tiny_vlm needs vision=True and/or audio=True")
+    d = Path(directory)
+    model = write_tiny_llama(d / "model.gguf", n_embd=n_embd, seed=seed, llama_cpp_dir=llama_cpp_dir)
+    if vision and audio:
+        mmproj = write_tiny_mmproj_omni(d / "mmproj-omni.gguf", text_model_n_embd=n_embd, seed=seed)
+    elif vision:
+        mmproj = write_tiny_mmproj_vision(d / "mmproj-vision.gguf", text_model_n_embd=n_embd, seed=seed)
+    else:
+        mmproj = write_tiny_mmproj_audio(d / "mmproj-audio.gguf", text_model_n_embd=n_embd, seed=seed)
+    return model, mmproj

@@ -1,0 +1,374 @@
+"""``python -m bench``: xybrid against a plain C loop and llama-cpp-python.
+
+Every measurement runs in a fresh subprocess of its contestant; contestants
+alternate within each round (native, xybrid, llama-cpp-python, native, ...).
+See bench/README.md for the method and how to read the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import native, peer_env, report
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+CACHE = BENCH_DIR / ".cache"
+WORKERS = BENCH_DIR / "workers"
+RESULTS = BENCH_DIR / "results"
+
+# --- prompts -------------------------------------------------------------------
+# Tokenized once by xybrid; every contestant gets the same token ids.
+
+SHORT_PROMPT = (
+    "The history of the lighthouse keepers on the northern coast is a long one. "
+    "In the winter of 1892, the keeper of the old stone tower wrote in his diary that"
+)
+
+_PARAGRAPHS = [
+    "The river rises in the hills to the west of the town and runs for some forty miles before it "
+    "reaches the sea. For most of its length it is slow and broad, and in the summer months children "
+    "swim in the shallows below the mill while their parents sit on the grass banks and watch the boats.",
+    "Trade came to the valley early. Wool from the upland farms was carried down to the market on "
+    "carts, weighed in the old hall by the bridge and sold to merchants who shipped it along the "
+    "coast. The hall still stands, though its scales were melted down for the war effort long ago.",
+    "Each spring the council publishes a report on the state of the roads, the schools and the water "
+    "supply. The reports are dry reading, yet they record, year after year, how a small community "
+    "decided what it could afford, what it could postpone and what it could not do without.",
+    "In the archive there is a letter from a schoolteacher who arrived in the autumn of 1911. She "
+    "describes the cold of the classroom, the patience of the older pupils with the younger ones, and "
+    "the way the whole village turned out to help when the roof of the school was damaged in a storm.",
+    "Engineers who surveyed the estuary in the last century proposed a barrage to control the tides. "
+    "The plan was debated for a decade, revised three times and finally abandoned, partly because of "
+    "its cost and partly because the fishermen argued, with some justice, that it would ruin the catch.",
+]
+
+
+def long_text(min_words: int = 2400) -> str:
+    parts: list[str] = []
+    n = 0
+    section = 1
+    while n < min_words:
+        for p in _PARAGRAPHS:
+            parts.append(f"Section {section}. {p}")
+            n += len(p.split()) + 2
+            section += 1
+    return "\n\n".join(parts)
+
+
+USER_TURN = (
+    "\n\nQuestion: Summarise the sections above in three sentences, naming the river, the hall and "
+    "the barrage.\nAnswer:"
+)
+
+GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 1234}
+CHAIN = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.0, "seed": 1234}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    group: str  # the --workloads name
+    title: str
+    kind: str  # decode | prefill | multiturn | memory
+    model: str  # "gemma" | "tiny"
+    prompt: str  # "short" | "long" | "turn2"
+    n_predict: int
+    sampler: dict[str, Any]
+    reps: int = 1
+    reps_cleared: int = 1
+    warmup: int = 0
+    busy: bool = False
+    all_variants: bool = True
+    prefix_len: int = 0
+
+
+def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
+    n = args.n_predict
+    n_tiny = args.n_predict_tiny
+    quick = args.quick
+    cases = [
+        Case("compute-greedy", "compute", f"Compute-bound: Gemma 3 270M, {n} tokens, greedy",
+             "decode", "gemma", "short", n, GREEDY, warmup=8),
+        Case("compute-sampled", "compute",
+             f"Compute-bound: Gemma 3 270M, {n} tokens, top-k 40 / top-p 0.95 / temp 0.8",
+             "decode", "gemma", "short", n, CHAIN, warmup=8),
+        Case("overhead", "overhead", f"Overhead-bound: tiny random llama, {n_tiny} tokens, greedy",
+             "decode", "tiny", "short", n_tiny, GREEDY, reps=2 if quick else 5, warmup=32),
+        Case("busy", "busy", f"Busy interpreter: overhead-bound with a busy Python thread ({n_tiny} tokens)",
+             "decode", "tiny", "short", n_tiny, GREEDY, reps=2 if quick else 5, warmup=32, busy=True),
+        Case("prefill", "prefill", f"Prefill: {n_long}-token prompt on Gemma 3 270M",
+             "prefill", "gemma", "long", 1, GREEDY, warmup=8),
+        Case("multiturn", "multiturn",
+             f"Multi-turn: {n_long}-token shared prefix + a new user turn, TTFT",
+             "multiturn", "gemma", "turn2", 1, GREEDY, reps=1 if quick else 3, reps_cleared=1),
+        Case("memory", "memory", f"Memory: peak RSS over load + {n} greedy tokens on Gemma 3 270M",
+             "memory", "gemma", "short", n, GREEDY, all_variants=False),
+    ]
+    for c in cases:
+        if c.kind == "multiturn":
+            c.prefix_len = n_long
+    return [c for c in cases if c.group in args.workloads]
+
+
+# --- contestants ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class Contestant:
+    key: str  # native | xybrid | peer
+    variants: list[str]
+    python: str | None = None
+    worker: Path | None = None
+    binary: Path | None = None
+    skipped: str = ""
+
+
+def run_job(c: Contestant, case: Case, prep: dict[str, Any], args: argparse.Namespace,
+            tmp: Path) -> dict[str, Any]:
+    tokens = prep["tokens"][case.model][case.prompt]
+    model = prep["models"][case.model]
+    variants = c.variants if case.all_variants else c.variants[:1]
+    t0 = time.monotonic()
+    if c.key == "native":
+        tok_file = tmp / f"{case.model}-{case.prompt}.tokens"
+        if not tok_file.exists():
+            tok_file.write_text(" ".join(map(str, tokens)))
+        s = case.sampler
+        cmd = [str(c.binary), "--model", model, "--tokens", str(tok_file),
+               "--n-predict", str(case.n_predict), "--threads", str(args.threads),
+               "--ctx", str(args.ctx), "--batch", str(args.batch), "--ubatch", str(args.batch),
+               "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
+               "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]), "--warmup", str(case.warmup),
+               "--reps", str(case.reps)]
+        if args.flash_attn:
+            cmd.append("--flash-attn")
+        if case.busy:
+            cmd.append("--busy-thread")
+        if case.kind == "multiturn":
+            cmd += ["--mode", "multiturn", "--prefix-len", str(case.prefix_len),
+                    "--reps-cleared", str(case.reps_cleared)]
+    else:
+        spec = {
+            "workload": case.kind if case.kind == "multiturn" else "generate",
+            "model": model, "prompt_tokens": tokens, "n_predict": case.n_predict,
+            "threads": args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
+            "flash_attn": args.flash_attn, "sampler": case.sampler, "variants": variants,
+            "reps": case.reps, "reps_cleared": case.reps_cleared, "warmup": case.warmup,
+            "busy": case.busy, "prefix_len": case.prefix_len,
+        }
+        spec_file = tmp / f"spec-{c.key}-{case.name}.json"
+        spec_file.write_text(json.dumps(spec))
+        cmd = [str(c.python), str(c.worker), str(spec_file)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=WORKERS)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s", "wall_s": time.monotonic() - t0}
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"error": f"exit code {proc.returncode}: " + "\n".join(tail), "wall_s": wall}
+    try:
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": "no JSON result on stdout: " + proc.stdout[-500:], "wall_s": wall}
+    if c.key == "native":
+        data = normalise_native(data)
+    data["wall_s"] = wall
+    return data
+
+
+def normalise_native(d: dict[str, Any]) -> dict[str, Any]:
+    """The C program's output in the shape of the Python workers' results."""
+    out: dict[str, Any] = {"contestant": "native", "variants": {},
+                           "maxrss_kb": d["maxrss_kb"], "rss_start_kb": d["rss_start_kb"],
+                           "rss_before_load_kb": d["rss_start_kb"], "t_load_ns": d["t_load_ns"]}
+    if "runs" in d:
+        runs = []
+        for r in d["runs"]:
+            tn = r["token_ns"]
+            runs.append({"t_start_ns": r["t_start_ns"], "t_first_ns": tn[0] if tn else r["t_end_ns"],
+                         "t_end_ns": r["t_end_ns"], "n_tokens": len(r["tokens"]), "tokens": r["tokens"],
+                         "n_chunks": 0, "stop_reason": r["stop_reason"]})
+        out["variants"]["native"] = {"runs": runs}
+    else:
+        out["variants"]["native"] = {"ttft_reuse_ns": d["ttft_reuse_ns"], "ttft_cleared_ns": d["ttft_cleared_ns"]}
+    return out
+
+
+# --- environment ---------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_prep(python: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    req = {
+        "tiny_model": str(CACHE / "tiny-llama.gguf"),
+        "llama_cpp_dir": str(args.llama_cpp_dir),
+        "gemma": any(g in args.workloads for g in ("compute", "prefill", "multiturn", "memory")),
+        "gemma_path": args.model,
+        "prompts": {
+            "short": {"text": SHORT_PROMPT},
+            "long": {"text": long_text(), "length": args.prompt_tokens},
+            "user": {"text": USER_TURN, "add_special": False},
+        },
+    }
+    f = tmp / "prep.json"
+    f.write_text(json.dumps(req))
+    proc = subprocess.run([python, str(WORKERS / "prep.py"), str(f)], capture_output=True, text=True,
+                          cwd=WORKERS)
+    if proc.returncode != 0:
+        raise SystemExit("bench: preparing the run failed (is xybrid installed in this interpreter? "
+                         f"run `make bench` or scripts/setup.sh):\n{proc.stderr[-3000:]}")
+    prep = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in prep["tokens"]:
+        t = prep["tokens"][key]
+        t["turn2"] = t["long"] + t["user"]
+    return prep
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    all_groups = ["compute", "overhead", "prefill", "multiturn", "memory", "busy"]
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
+    p.add_argument("--warmup-rounds", type=int, default=1, help="rounds run first and discarded (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 round, no warm-up round, short generations and prompt; "
+                        "results go to bench/.cache/results-quick/")
+    p.add_argument("--workloads", default=",".join(all_groups),
+                   help=f"comma-separated subset of {','.join(all_groups)} (default: all)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads, the same for everyone (default 2)")
+    p.add_argument("--n-predict", type=int, default=256, help="decoded tokens on Gemma (default 256)")
+    p.add_argument("--n-predict-tiny", type=int, default=256, help="decoded tokens on the tiny model (default 256)")
+    p.add_argument("--prompt-tokens", type=int, default=1500, help="length of the prefill/multi-turn prompt")
+    p.add_argument("--ctx", type=int, default=2048, help="n_ctx for everyone (default 2048)")
+    p.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch for everyone (default 512)")
+    p.add_argument("--flash-attn", action="store_true", help="flash attention on, for everyone (default off)")
+    p.add_argument("--model", default=None, help="GGUF for the compute/prefill/multi-turn/memory workloads "
+                   "(default: xybrid's default model, Gemma 3 270M Q4_K_M)")
+    p.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
+    p.add_argument("--xybrid-variants", default="engine,engine-stream",
+                   help="xybrid variants (bench/workers/xybrid_worker.py VARIANTS); the first is the primary")
+    p.add_argument("--peer-variants", default="completion,completion-stream")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per subprocess")
+    p.add_argument("--llama-cpp-dir", type=Path, default=REPO / "llama.cpp",
+                   help="llama.cpp source tree (headers; vocab files for the tiny model)")
+    args = p.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(args.workloads) - set(all_groups)
+    if unknown:
+        p.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    if args.quick:
+        args.rounds = 1 if args.rounds == 5 else args.rounds
+        args.warmup_rounds = 0
+        args.n_predict = min(args.n_predict, 32)
+        args.n_predict_tiny = min(args.n_predict_tiny, 128)
+        args.prompt_tokens = min(args.prompt_tokens, 300)
+    if args.prompt_tokens + 80 > args.ctx:
+        p.error("--prompt-tokens must leave room for the user turn in --ctx")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    out_dir = args.out or (CACHE / "results-quick" if args.quick else RESULTS)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    load_start = os.getloadavg()
+
+    with tempfile.TemporaryDirectory(prefix="xybrid-bench-") as tmpname:
+        tmp = Path(tmpname)
+        print(f"[bench] preparing (models, prompts, build facts) with {python}")
+        prep = run_prep(python, args, tmp)
+        if prep.get("headers_commit") and not str(prep["llama_cpp_commit"]).startswith(prep["headers_commit"][:7]):
+            print(f"[bench] warning: headers in {args.llama_cpp_dir} are llama.cpp {prep['headers_commit']}, "
+                  f"xybrid was built from {prep['llama_cpp_commit']}")
+        n_long = len(prep["tokens"]["tiny"]["long"])
+
+        contestants: list[Contestant] = []
+        binary, reason, cc_cmd = native.build(Path(prep["lib_dir"]), args.llama_cpp_dir, CACHE)
+        nat = Contestant("native", ["native"], binary=binary, skipped=reason)
+        if binary:
+            print(f"[bench] native loop: {binary.name} (linked to {prep['lib_dir']})")
+        else:
+            print(f"[bench] native loop skipped: {reason}")
+        contestants.append(nat)
+        contestants.append(Contestant("xybrid", args.xybrid_variants.split(","), python=python,
+                                      worker=WORKERS / "xybrid_worker.py"))
+        peer = Contestant("peer", args.peer_variants.split(","), worker=WORKERS / "peer_worker.py")
+        if args.no_peer:
+            peer.skipped = "--no-peer given"
+        else:
+            ppy, why = peer_env.ensure(log=print)
+            if ppy:
+                peer.python = str(ppy)
+            else:
+                peer.skipped = why
+                print(f"[bench] llama-cpp-python skipped: {why}")
+        contestants.append(peer)
+        active = [c for c in contestants if not c.skipped]
+
+        cases = make_cases(args, n_long)
+        total_rounds = args.warmup_rounds + args.rounds
+        records: list[dict[str, Any]] = []
+        for rnd in range(total_rounds):
+            warm = rnd < args.warmup_rounds
+            label = "warm-up" if warm else f"round {rnd - args.warmup_rounds + 1}/{args.rounds}"
+            for case in cases:
+                for c in active:
+                    res = run_job(c, case, prep, args, tmp)
+                    status = "ERROR " + res["error"].splitlines()[0] if "error" in res else "ok"
+                    print(f"[bench] {label:>12}  {case.name:<16} {c.key:<7} {res['wall_s']:6.1f} s  {status}",
+                          flush=True)
+                    records.append({"round": rnd - args.warmup_rounds, "warmup": warm, "case": case.name,
+                                    "contestant": c.key, "result": res})
+
+    meta = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "platform": prep["platform"],
+        "python": prep["python"],
+        "xybrid_version": prep["xybrid_version"],
+        "llama_cpp_commit": prep["llama_cpp_commit"],
+        "build_info": prep["build_info"],
+        "system_info": prep["system_info"],
+        "models": prep["models"],
+        "model_descriptions": prep["model_descriptions"],
+        "n_prompt": {k: {p: len(v) for p, v in t.items()} for k, t in prep["tokens"].items()},
+        "native_compile": " ".join(cc_cmd),
+        "peer": {"package": f"llama-cpp-python=={peer_env.PEER_VERSION}",
+                 "cmake_args": peer_env.CMAKE_ARGS, "skipped": peer.skipped},
+        "native_skipped": nat.skipped,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_s": time.monotonic() - started,
+    }
+    analysis = report.analyse(records, cases, contestants, meta)
+    paths = report.write_all(analysis, records, meta, out_dir, stamp, latest=not args.quick or args.out is not None)
+    print()
+    print(analysis["markdown"])
+    print(f"[bench] done in {meta['wall_s'] / 60:.1f} min; wrote " + ", ".join(str(p) for p in paths))
+    return 0

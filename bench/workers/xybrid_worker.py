@@ -1,0 +1,121 @@
+"""The xybrid contestant: one workload in this process (see _common.py).
+
+Variants (``spec["variants"]``, the first one is the primary):
+
+- ``engine``: ``Context.generate(tokens, sampler)``, no callback; the whole
+  loop runs in C with the GIL released and Python sees only the result.
+- ``engine-stream``: the same call with ``on_text=callback``: the loop runs on
+  a native thread and the callback gets each chunk of text.
+
+To add a variant (the user-level ``xybrid.LlamaCppBackend`` for instance),
+write a class with the methods of :class:`Engine` (``generate``, ``turn1``,
+``turn2``) and register it in :data:`VARIANTS`; the harness picks it up with
+``--xybrid-variants`` (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from _common import Run, emit, load_spec, now_ns, rss_kb, run_workload
+
+RSS_START = rss_kb()
+
+from xybrid._native._engine import Context, Model, Sampler  # noqa: E402
+
+_shared: dict[str, Any] = {}
+
+
+def _model_and_context(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """One model, context and sampler per process, shared by the variants."""
+    if not _shared:
+        model = Model(spec["model"])
+        ctx = Context(model, n_ctx=spec["n_ctx"], n_batch=spec["n_batch"], n_ubatch=spec["n_batch"],
+                      n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                      flash_attn=spec["flash_attn"])
+        s = spec["sampler"]
+        sampler = Sampler(model, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                          min_p=s["min_p"], seed=s["seed"])
+        _shared.update(model=model, ctx=ctx, sampler=sampler)
+    return _shared["model"], _shared["ctx"], _shared["sampler"]
+
+
+class Engine:
+    """``xybrid._native._engine.Context.generate`` without a callback."""
+
+    streaming = False
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.model, self.ctx, self.sampler = _model_and_context(spec)
+
+    def generate(self, tokens: list[int], n_predict: int) -> Run:
+        self.ctx.memory_clear()
+        t0 = now_ns()
+        res = self.ctx.generate(tokens, self.sampler, max_tokens=n_predict)
+        t1 = now_ns()
+        first = res.token_ns[0] if res.token_ns else t1
+        return Run(t0, first, t1, len(res.tokens), list(res.tokens), 1, res.stop_reason)
+
+    def turn1(self, prefix: list[int]) -> None:
+        self.ctx.memory_clear()
+        self.ctx.generate(prefix, self.sampler, max_tokens=1)
+
+    def turn2(self, tokens: list[int], prefix_len: int, reuse: bool) -> int:
+        """TTFT of the next turn, keeping the cached prefix or not."""
+        t0 = now_ns()
+        if reuse:
+            self.ctx.seq_rm(0, prefix_len, -1)
+            self.ctx.generate(tokens[prefix_len:], self.sampler, max_tokens=1, n_past=prefix_len)
+        else:
+            self.ctx.memory_clear()
+            self.ctx.generate(tokens, self.sampler, max_tokens=1)
+        return now_ns() - t0
+
+
+class EngineStream(Engine):
+    """``Context.generate(..., on_text=callback)``: a callback per chunk."""
+
+    streaming = True
+
+    def generate(self, tokens: list[int], n_predict: int) -> Run:
+        self.ctx.memory_clear()
+        chunk_ns: list[int] = []
+        on_text = lambda chunk: chunk_ns.append(now_ns())  # noqa: E731 - the cheapest consumer
+        t0 = now_ns()
+        res = self.ctx.generate(tokens, self.sampler, max_tokens=n_predict, on_text=on_text)
+        t1 = now_ns()
+        first = chunk_ns[0] if chunk_ns else t1
+        return Run(t0, first, t1, len(res.tokens), list(res.tokens), len(chunk_ns), res.stop_reason)
+
+    def turn2(self, tokens: list[int], prefix_len: int, reuse: bool) -> int:
+        first: list[int] = []
+
+        def on_text(chunk: str) -> bool:
+            first.append(now_ns())
+            return False  # the first chunk is all we time
+
+        t0 = now_ns()
+        if reuse:
+            self.ctx.seq_rm(0, prefix_len, -1)
+            self.ctx.generate(tokens[prefix_len:], self.sampler, max_tokens=1, n_past=prefix_len,
+                              on_text=on_text)
+        else:
+            self.ctx.memory_clear()
+            self.ctx.generate(tokens, self.sampler, max_tokens=1, on_text=on_text)
+        return (first[0] if first else now_ns()) - t0
+
+
+VARIANTS: dict[str, type] = {
+    "engine": Engine,
+    "engine-stream": EngineStream,
+}
+
+
+def main() -> None:
+    spec = load_spec()
+    result = run_workload(spec, "xybrid", lambda name, s: VARIANTS[name](s), spec["variants"], RSS_START)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+# Multimodal input through mtmd: a projector context, media bitmaps,
+# tokenized chunks and their evaluation into a llama context.
+
+MEDIA_KINDS = ("text", "image", "audio")
+
+
+cdef class Multimodal:
+    """The mtmd context of a multimodal projector (``mmproj``) paired with a model.
+
+    Raises :class:`~xybrid.errors.ModelLoadError` when the projector cannot
+    be loaded or does not fit the text model (llama.cpp's reason is quoted).
+    """
+
+    cdef mtmd_context * ptr
+    cdef readonly Model model
+    cdef readonly str path
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, Model model not None, mmproj_path, *, int n_threads=0,
+                 bint use_gpu=True, bint flash_attn=False):
+        model.check_open()
+        path = os.fspath(mmproj_path)
+        if not os.path.isfile(path):
+            raise ModelNotFoundError(f"multimodal projector not found: {path}")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF projector file (magic bytes {magic!r})")
+        ensure_backend()
+        mtmd_log_set(xy_log_callback, NULL)
+        cdef mtmd_context_params params = mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = False
+        params.warmup = False
+        params.n_threads = n_threads or (os.cpu_count() or 1)
+        params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cdef bytes bpath = os.fsencode(path)
+        cdef const char * cpath = bpath
+        take_log_tail()
+        with nogil:
+            self.ptr = mtmd_init_from_file(cpath, model.ptr, params)
+        if self.ptr == NULL:
+            reason = take_log_tail()
+            raise ModelLoadError(
+                f"llama.cpp could not load the projector {path}"
+                + (f": {reason}" if reason else "")
+                + " (is it the projector made for this model?)")
+        self.model = model
+        self.path = path
+        model.n_contexts += 1
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self):
+        if self.ptr != NULL:
+            mtmd_free(self.ptr)
+            self.ptr = NULL
+            if self.model is not None:
+                self.model.n_contexts -= 1
+
+    def close(self):
+        self._free()
+
+    cdef int check_open(self) except -1:
+        if self.ptr == NULL:
+            raise XybridError("the multimodal context has been closed")
+        return 0
+
+    @property
+    def vision(self):
+        self.check_open()
+        return bool(mtmd_support_vision(self.ptr))
+
+    @property
+    def audio(self):
+        self.check_open()
+        return bool(mtmd_support_audio(self.ptr))
+
+    @property
+    def audio_sample_rate(self):
+        """PCM sample rate the audio encoder expects (Hz), or None without audio."""
+        self.check_open()
+        cdef int rate = mtmd_get_audio_sample_rate(self.ptr)
+        return rate if rate > 0 else None
+
+    @property
+    def marker(self):
+        """The text that marks where each media item goes in the prompt."""
+        self.check_open()
+        return mtmd_get_marker(self.ptr).decode("utf-8")
+
+    def tokenize(self, str text, media, *, bint add_special=True, bint parse_special=True):
+        """Split ``text`` at the media markers and tokenize it with the media.
+
+        ``media`` is a list of ``("image", rgb_bytes, width, height)`` and
+        ``("audio", float32_pcm_bytes)`` items, one per marker, in order.
+        """
+        self.check_open()
+        cdef Py_ssize_t n = len(media), i
+        cdef mtmd_bitmap ** bitmaps = <mtmd_bitmap **> malloc(max(n, 1) * sizeof(mtmd_bitmap *))
+        if bitmaps == NULL:
+            raise MemoryError()
+        for i in range(n):
+            bitmaps[i] = NULL
+        cdef const unsigned char[::1] data
+        cdef mtmd_input_text itext
+        cdef bytes btext = text.encode("utf-8")
+        cdef int32_t rc
+        cdef Chunks chunks = Chunks.__new__(Chunks)
+        try:
+            for i in range(n):
+                item = media[i]
+                kind = item[0]
+                if kind == "image":
+                    _, raw, width, height = item
+                    if width <= 0 or height <= 0 or len(raw) != width * height * 3:
+                        raise InvalidInputError(
+                            f"media {i}: an RGB image of {width}x{height} needs {width * height * 3} bytes, "
+                            f"got {len(raw)}")
+                    if not self.vision:
+                        raise InvalidInputError(f"media {i}: this projector has no vision encoder")
+                    data = raw
+                    bitmaps[i] = mtmd_bitmap_init(width, height, &data[0])
+                elif kind == "audio":
+                    raw = item[1]
+                    if len(raw) == 0 or len(raw) % 4:
+                        raise InvalidInputError(f"media {i}: audio must be non-empty float32 PCM")
+                    if not self.audio:
+                        raise InvalidInputError(f"media {i}: this projector has no audio encoder")
+                    data = raw
+                    bitmaps[i] = mtmd_bitmap_init_from_audio(len(raw) // 4, <const float *> &data[0])
+                else:
+                    raise InvalidInputError(f"media {i}: unknown kind {kind!r}")
+                if bitmaps[i] == NULL:
+                    raise MemoryError(f"media {i}: mtmd could not create the bitmap")
+            chunks.ptr = mtmd_input_chunks_init()
+            if chunks.ptr == NULL:
+                raise MemoryError("mtmd_input_chunks_init failed")
+            itext.text = btext
+            itext.text_len = len(btext)
+            itext.add_special = add_special
+            itext.parse_special = parse_special
+            take_log_tail()
+            with nogil:
+                rc = mtmd_tokenize(self.ptr, chunks.ptr, &itext, <const mtmd_bitmap * const *> bitmaps, n)
+            if rc == 1:
+                raise InvalidInputError(
+                    f"the prompt has {text.count(self.marker)} media marker(s) {self.marker!r} "
+                    f"but {n} media item(s) were given")
+            if rc != 0:
+                reason = take_log_tail()
+                raise InvalidInputError("mtmd could not preprocess the media"
+                                        + (f": {reason}" if reason else f" (code {rc})"))
+            return chunks
+        finally:
+            for i in range(n):
+                if bitmaps[i] != NULL:
+                    mtmd_bitmap_free(bitmaps[i])
+            free(bitmaps)
+
+
+cdef class Chunks:
+    """A prompt tokenized with its media: text, image and audio chunks."""
+
+    cdef mtmd_input_chunks * ptr
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            mtmd_input_chunks_free(self.ptr)
+            self.ptr = NULL
+
+    def __len__(self):
+        return 0 if self.ptr == NULL else mtmd_input_chunks_size(self.ptr)
+
+    @property
+    def n_tokens(self):
+        """Tokens in all chunks (media embeddings count one per position)."""
+        return int(mtmd_helper_get_n_tokens(self.ptr))
+
+    @property
+    def n_pos(self):
+        """Positions the prompt occupies in the sequence."""
+        return int(mtmd_helper_get_n_pos(self.ptr))
+
+    def summary(self):
+        """Per chunk: (kind, n_tokens)."""
+        cdef size_t i
+        cdef const mtmd_input_chunk * c
+        out = []
+        for i in range(mtmd_input_chunks_size(self.ptr)):
+            c = mtmd_input_chunks_get(self.ptr, i)
+            out.append((MEDIA_KINDS[<int> mtmd_input_chunk_get_type(c)], int(mtmd_input_chunk_get_n_tokens(c))))
+        return out
+
+    def media_tokens(self):
+        """Tokens taken by images and by audio: {"image": n, "audio": n}."""
+        counts = {"image": 0, "audio": 0}
+        for kind, n in self.summary():
+            if kind != "text":
+                counts[kind] += n
+        return counts
