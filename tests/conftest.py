@@ -53,3 +53,28 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, llama_cpp_dir: Pat
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf",
                             llama_cpp_dir=llama_cpp_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_gen_ctx(gemma_model):  # type: ignore[no-untyped-def]
+    """A Gemma context for the generation tests, with one compute thread.
+
+    The test machines have two cores shared with other jobs; ggml's threads
+    meet at a barrier after every graph node, so a two-thread context slows
+    to a crawl whenever a neighbour holds one core. One thread keeps the
+    suite's runtime steady (and leaves a core to the Python threads that the
+    GIL tests run beside generation).
+    """
+    from xybrid._native._engine import Context
+
+    ctx = Context(gemma_model, n_ctx=1024, n_batch=256, n_threads=1)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="session")
+def gemma_greedy(gemma_model):  # type: ignore[no-untyped-def]
+    """A greedy (temperature 0) sampler over Gemma."""
+    from xybrid._native._engine import Sampler
+
+    return Sampler(gemma_model, temperature=0.0)

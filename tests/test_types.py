@@ -362,6 +362,7 @@ CANONICAL_KEYS = {
     "inter_chunk_ms",
     "decode_tps",
     "prefill_tps",
+    "media_tokens",
     "token_ids",
 }
 

@@ -16,16 +16,25 @@ cleared before the error reaches the caller.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xybrid._native import _engine
 from xybrid.backend import LlmBackend, MessageLike, StreamingCallback
 from xybrid.chat_templates import ChatTemplate, resolve_chat_template
-from xybrid.errors import ContextOverflowError, InvalidInputError, ModelNotLoadedError
+from xybrid.errors import (
+    ContextOverflowError,
+    IntegrityError,
+    InvalidInputError,
+    ModelNotLoadedError,
+    UnsupportedInputError,
+)
+from xybrid.media import Audio, Image, audio_to_item, image_to_rgb
 from xybrid.model_files import resolve_model_path
 from xybrid.prefix_cache import PrefixCacheState, PrefixPlan
 from xybrid.streaming import (
@@ -40,7 +49,7 @@ from xybrid.streaming import (
 from xybrid.telemetry import compute_telemetry, record_on_current_span
 from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig, PartialToken
 
-__all__ = ["LlamaCppBackend", "execution_provider"]
+__all__ = ["Capabilities", "LlamaCppBackend", "execution_provider", "sha256_file", "verify_sha256"]
 
 _SEQ = 0  # the backend drives one sequence of its context
 
@@ -64,6 +73,7 @@ class _Loaded:
     context: Any  # _engine.Context
     template: ChatTemplate
     bos_text: str
+    multimodal: Any = None  # _engine.Multimodal when an mmproj is loaded
 
 
 @dataclass
@@ -74,6 +84,46 @@ class _Prepared:
     plan: PrefixPlan
     stops: tuple[str, ...]
     chat: bool
+    media_tokens: int = 0
+    n_prompt: int = 0  # prompt positions, media included
+    start_ns: int | None = None  # when media evaluation began
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the loaded model and this build can do."""
+
+    model_label: str
+    vision: bool
+    audio: bool
+    audio_sample_rate: int | None
+    embeddings: bool
+    tools: bool
+    thinking: bool
+    accelerator: str
+    gpu_layers: int
+    devices: tuple[str, ...] = field(default=())
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (large models stay out of memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise :class:`IntegrityError` unless the file's SHA-256 is ``expected``.
+
+    The comparison is constant-time, so a digest cannot be probed byte by byte.
+    """
+    actual = sha256_file(path)
+    if not hmac.compare_digest(actual.encode(), expected.lower().encode()):
+        raise IntegrityError(
+            f"{path}: SHA-256 mismatch (expected {expected.lower()}, got {actual}); "
+            "refusing to load a file that is not the one you asked for")
 
 
 class LlamaCppBackend(LlmBackend):
@@ -115,8 +165,22 @@ class LlamaCppBackend(LlmBackend):
         if not isinstance(config, LlmConfig):
             raise InvalidInputError(f"load() needs an LlmConfig, got {type(config).__name__}")
         path = resolve_model_path(config.model_path)
+        if config.model_sha256:
+            verify_sha256(path, config.model_sha256)
+        mmproj = None
+        if config.mmproj_path is not None:
+            mmproj = resolve_model_path(config.mmproj_path)
+            if config.mmproj_sha256:
+                verify_sha256(mmproj, config.mmproj_sha256)
+        elif config.mmproj_sha256:
+            raise InvalidInputError("LlmConfig.mmproj_sha256 is set but mmproj_path is not")
         model = _engine.Model(str(path), gpu_layers=config.gpu_layers, use_mmap=config.use_mmap)
+        multimodal = None
         try:
+            if mmproj is not None:
+                multimodal = _engine.Multimodal(model, str(mmproj), n_threads=config.n_threads,
+                                                use_gpu=config.gpu_layers != 0,
+                                                flash_attn=config.flash_attn)
             context = _engine.Context(
                 model,
                 n_ctx=config.context_length,
@@ -126,6 +190,8 @@ class LlamaCppBackend(LlmBackend):
                 flash_attn=config.flash_attn,
             )
         except BaseException:
+            if multimodal is not None:
+                multimodal.close()
             model.close()
             raise
         bos_text = model.token_text(model.bos_token) if model.bos_token >= 0 else ""
@@ -135,7 +201,7 @@ class LlamaCppBackend(LlmBackend):
             bos_token=bos_text, eos_token=eos_text)
         with self._lock:
             previous, self._loaded = self._loaded, _Loaded(
-                config, path, model, context, template, bos_text)
+                config, path, model, context, template, bos_text, multimodal)
             self._cache.reset()
         if previous is not None:
             _free(previous)
@@ -178,6 +244,36 @@ class LlamaCppBackend(LlmBackend):
 
     def context_length(self) -> int | None:
         return self._loaded.config.context_length if self._loaded else None
+
+    @property
+    def model_label(self) -> str:
+        """GGUF ``general.name``, else the file name without extension."""
+        loaded = self._require()
+        return str(loaded.model.name or loaded.path.stem)
+
+    def capabilities(self) -> Capabilities:
+        """Vision/audio (from the projector), embeddings, tools and thinking
+        (from the chat template), and where the model runs."""
+        loaded = self._require()
+        mm = loaded.multimodal
+        source = getattr(loaded.template, "source", "") or ""
+        n_layer = int(loaded.model.n_layer)
+        wanted = loaded.config.gpu_layers
+        offloaded = 0
+        if _engine.supports_gpu_offload():
+            offloaded = n_layer + 1 if wanted < 0 else min(wanted, n_layer + 1)
+        return Capabilities(
+            model_label=self.model_label,
+            vision=bool(mm is not None and mm.vision),
+            audio=bool(mm is not None and mm.audio),
+            audio_sample_rate=mm.audio_sample_rate if mm is not None else None,
+            embeddings=True,
+            tools="tools" in source,
+            thinking="<think>" in source or "enable_thinking" in source,
+            accelerator=execution_provider(),
+            gpu_layers=offloaded,
+            devices=tuple(d["description"] for d in _engine.devices()),
+        )
 
     def memory_usage(self) -> int | None:
         """Bytes of weights plus the context's state (KV cache), from llama.cpp."""
@@ -227,8 +323,65 @@ class LlamaCppBackend(LlmBackend):
                  else tuple(config.stop_sequences))
         return _Prepared(tokens, plan, stops, chat)
 
+    def _prepare_chat(self, loaded: _Loaded, msgs: list[ChatMessage],
+                      config: GenerationConfig) -> _Prepared:
+        if not any(m.media for m in msgs):
+            prompt = loaded.template.render(msgs, add_generation_prompt=True)
+            return self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
+        return self._prepare_multimodal(loaded, msgs, config)
+
+    def _prepare_multimodal(self, loaded: _Loaded, msgs: list[ChatMessage],
+                            config: GenerationConfig) -> _Prepared:
+        """Render the media markers into the prompt, then tokenize and
+        evaluate text and media through mtmd. Media prompts always start
+        from an empty cache: their positions do not map to token ids."""
+        mm = loaded.multimodal
+        if mm is None:
+            raise UnsupportedInputError(
+                "this message carries images or audio, but no multimodal projector is loaded: "
+                "pass LlmConfig(mmproj_path=...) for a vision or audio model")
+        items: list[tuple[Any, ...]] = []
+        rendered: list[ChatMessage] = []
+        for m in msgs:
+            markers = ""
+            for item in m.media:
+                if isinstance(item, Image):
+                    if not mm.vision:
+                        raise UnsupportedInputError("the loaded projector has no vision encoder")
+                    items.append(("image", *image_to_rgb(item)))
+                elif isinstance(item, Audio):
+                    if not mm.audio:
+                        raise UnsupportedInputError("the loaded projector has no audio encoder")
+                    items.append(audio_to_item(item))
+                markers += mm.marker + "\n"
+            rendered.append(ChatMessage(m.role, markers + m.content, m.name, m.tool_call_id))
+        prompt = loaded.template.render(rendered, add_generation_prompt=True)
+        if loaded.bos_text and prompt.startswith(loaded.bos_text):
+            prompt = prompt[len(loaded.bos_text):]  # mtmd adds the BOS itself
+        start_ns = _engine.monotonic_ns()
+        chunks = mm.tokenize(prompt, items)
+        n_ctx = loaded.context.n_ctx
+        if chunks.n_pos >= n_ctx:
+            raise ContextOverflowError(
+                f"input too long: the prompt with its media takes {chunks.n_pos} positions, "
+                f"more than the context window of {n_ctx}")
+        loaded.context.memory_clear()
+        self._cache.reset()
+        try:
+            n_past = loaded.context.eval_chunks(mm, chunks, 0, _SEQ)
+        except BaseException:
+            self._forget(loaded)
+            raise
+        stops = merge_stop_patterns(config.stop_sequences, CHAT_STOP_PATTERNS)
+        plan = PrefixPlan(keep=n_past, tail=[], full_clear=False)
+        media = sum(chunks.media_tokens().values())
+        return _Prepared([], plan, stops, True, media_tokens=media, n_prompt=chunks.n_tokens,
+                         start_ns=start_ns)
+
     def _apply_plan(self, loaded: _Loaded, prepared: _Prepared) -> tuple[list[int], int]:
         plan = prepared.plan
+        if prepared.start_ns is not None:  # multimodal: already evaluated
+            return [], plan.keep
         if plan.full_clear or not loaded.context.seq_rm(_SEQ, plan.keep, -1):
             loaded.context.memory_clear()
             return prepared.tokens, 0
@@ -270,12 +423,12 @@ class LlamaCppBackend(LlmBackend):
     def _stream(self, msgs: list[ChatMessage], config: GenerationConfig) -> Iterator[PartialToken]:
         with self._lock:
             loaded = self._require()
-            prompt = loaded.template.render(msgs, add_generation_prompt=True)
-            prepared = self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
+            prepared = self._prepare_chat(loaded, msgs, config)
             tail, n_past = self._apply_plan(loaded, prepared)
             sampler = _sampler(loaded.model, config)
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
-                                        n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None)
+                                        n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None,
+                                        logits_ready=not tail)
             text_filter = _filter_for(prepared)
             index = 0
             finished = False
@@ -305,8 +458,7 @@ class LlamaCppBackend(LlmBackend):
         msgs = _as_messages(messages)
         with self._lock:
             loaded = self._require()
-            prompt = loaded.template.render(msgs, add_generation_prompt=True)
-            prepared = self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
+            prepared = self._prepare_chat(loaded, msgs, config)
             return self._execute(loaded, prepared, config, on_token)
 
     def _execute(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
@@ -329,7 +481,8 @@ class LlamaCppBackend(LlmBackend):
         try:
             result = loaded.context.generate(tail, sampler, max_tokens=config.max_tokens,
                                              n_past=n_past, seq_id=_SEQ,
-                                             stop=prepared.stops or None, on_text=on_text)
+                                             stop=prepared.stops or None, on_text=on_text,
+                                             logits_ready=not tail)
         except BaseException:
             self._forget(loaded)
             raise
@@ -351,7 +504,9 @@ class LlamaCppBackend(LlmBackend):
     def _finish(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
                 result: Any, n_past: int, text_filter: StreamingTextFilter) -> GenerationOutput:
         """Record the cache, clean the text, derive finish reason and telemetry."""
-        if result.stop_reason == "cancelled":
+        if result.stop_reason == "cancelled" or prepared.start_ns is not None:
+            # Cancelled: the cache is in an unknown state. Multimodal: its
+            # positions do not correspond to token ids, so nothing can be reused.
             self._forget(loaded)
         else:
             # The cache now holds the prompt and the generated tokens that
@@ -368,11 +523,15 @@ class LlamaCppBackend(LlmBackend):
             stopped = stopped or cut or trimmed or text_filter.is_stopped
         finish_reason = {"cancelled": "cancelled"}.get(
             result.stop_reason, "stop" if stopped else "length")
+        prompt_tokens = len(prepared.tokens) or prepared.n_prompt
         prefilled = result.n_prompt  # tokens actually decoded in prefill
+        start_ns = result.t_start_ns
+        if prepared.start_ns is not None:  # media prompt: evaluated before the loop
+            prefilled, start_ns = prepared.n_prompt, prepared.start_ns
         tel = compute_telemetry(
-            start_ns=result.t_start_ns, prefill_end_ns=result.t_prefill_end_ns,
+            start_ns=start_ns, prefill_end_ns=result.t_prefill_end_ns,
             token_times_ns=result.token_ns, chunk_times_ns=result.chunk_ns,
-            end_ns=result.t_end_ns, prompt_tokens=len(prepared.tokens),
+            end_ns=result.t_end_ns, prompt_tokens=prompt_tokens,
             prefilled_tokens=prefilled)
         output = GenerationOutput(
             text=text,
@@ -387,8 +546,9 @@ class LlamaCppBackend(LlmBackend):
             inter_chunk_ms=tel.inter_chunk_ms,
             decode_tps=tel.decode_tps,
             prefill_tps=tel.prefill_tps,
-            prompt_tokens=len(prepared.tokens),
-            cached_prompt_tokens=len(prepared.tokens) - prefilled,
+            prompt_tokens=prompt_tokens,
+            cached_prompt_tokens=prompt_tokens - prefilled,
+            media_tokens=prepared.media_tokens,
             stop_reason=result.stop_reason,
             token_ids=tuple(result.tokens),
         )
@@ -397,6 +557,8 @@ class LlamaCppBackend(LlmBackend):
 
 
 def _free(loaded: _Loaded) -> None:
+    if loaded.multimodal is not None:
+        loaded.multimodal.close()
     loaded.context.close()
     loaded.model.close()
 

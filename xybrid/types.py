@@ -79,6 +79,16 @@ def _check_optional_str(owner: str, name: str, value: object) -> str | None:
     return value
 
 
+def _check_sha256(owner: str, name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 64 or any(
+        c not in "0123456789abcdefABCDEF" for c in value
+    ):
+        raise _fail(owner, name, "None or a 64-character hex SHA-256 digest", value)
+    return value.lower()
+
+
 # ---------------------------------------------------------------------------
 # ChatMessage
 # ---------------------------------------------------------------------------
@@ -90,12 +100,15 @@ class ChatMessage:
 
     ``name`` is the optional participant name of the OpenAI schema;
     ``tool_call_id`` links a ``tool`` message to the call it answers.
+    ``media`` holds images and audio clips (:class:`xybrid.media.Image`,
+    :class:`xybrid.media.Audio`) shown to a multimodal model before the text.
     """
 
     role: Role
     content: str
     name: str | None = None
     tool_call_id: str | None = None
+    media: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, str) or self.role not in _ROLES:
@@ -105,6 +118,13 @@ class ChatMessage:
             raise _fail("ChatMessage", "content", "a str", self.content)
         _check_optional_str("ChatMessage", "name", self.name)
         _check_optional_str("ChatMessage", "tool_call_id", self.tool_call_id)
+        from xybrid.media import Audio, Image
+
+        media = tuple(self.media) if not isinstance(self.media, tuple) else self.media
+        for i, item in enumerate(media):
+            if not isinstance(item, (Image, Audio)):
+                raise _fail("ChatMessage", f"media[{i}]", "an xybrid.media.Image or Audio", item)
+        object.__setattr__(self, "media", media)
 
     @classmethod
     def system(cls, text: str) -> ChatMessage:
@@ -112,9 +132,18 @@ class ChatMessage:
         return cls("system", text)
 
     @classmethod
-    def user(cls, text: str) -> ChatMessage:
-        """A user turn."""
-        return cls("user", text)
+    def user(cls, text: str, *, images: Iterable[Any] = (), audio: Iterable[Any] = ()) -> ChatMessage:
+        """A user turn, optionally with images and audio for a multimodal model.
+
+        Each image is a path, encoded bytes (PNG, JPEG, ...), an ``H x W x 3``
+        uint8 array or a PIL image; each audio clip is a float32 PCM array at
+        the projector's sample rate, or a wav/mp3/flac path or bytes.
+        """
+        from xybrid.media import Audio, Image
+
+        media = tuple(i if isinstance(i, Image) else Image(i) for i in images)
+        media += tuple(a if isinstance(a, Audio) else Audio(a) for a in audio)
+        return cls("user", text, media=media)
 
     @classmethod
     def assistant(cls, text: str) -> ChatMessage:
@@ -140,12 +169,13 @@ class ChatMessage:
             raise _fail("ChatMessage", "from_dict argument", "a mapping", data)
         if "role" not in data:
             raise InvalidInputError("ChatMessage.role is missing from the message mapping")
-        content = _content_to_text(data.get("content"))
+        content, media = _split_content(data.get("content"))
         return cls(
             role=data["role"],
             content=content,
             name=data.get("name"),
             tool_call_id=data.get("tool_call_id"),
+            media=media,
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -159,26 +189,37 @@ class ChatMessage:
 
 
 def _content_to_text(content: object) -> str:
+    text, media = _split_content(content)
+    if media:
+        raise UnsupportedInputError("this content carries media; use ChatMessage.from_dict")
+    return text
+
+
+def _split_content(content: object) -> tuple[str, tuple[Any, ...]]:
+    """Text and media of OpenAI-style content: a str, None, or a list of
+    ``text``, ``image_url`` and ``input_audio`` parts. Other part types (video,
+    files) raise ``UnsupportedInputError``."""
     if content is None:
-        return ""
+        return "", ()
     if isinstance(content, str):
-        return content
+        return content, ()
     if isinstance(content, list):
+        from xybrid.media import media_from_openai_part
+
         pieces: list[str] = []
+        media: list[Any] = []
         for part in content:
             if not isinstance(part, Mapping):
                 raise _fail("ChatMessage", "content part", "a mapping", part)
             kind = part.get("type")
-            if kind != "text":
-                raise UnsupportedInputError(
-                    f"ChatMessage.content part of type {kind!r} is not supported; "
-                    "only text parts are"
-                )
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _fail("ChatMessage", "content part text", "a str", text)
-            pieces.append(text)
-        return "".join(pieces)
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise _fail("ChatMessage", "content part text", "a str", text)
+                pieces.append(text)
+            else:
+                media.append(media_from_openai_part(part))
+        return "".join(pieces), tuple(media)
     raise _fail("ChatMessage", "content", "a str", content)
 
 
@@ -207,6 +248,9 @@ class LlmConfig:
     flash_attn: bool
     chat_template: str | None
     use_mmap: bool
+    mmproj_path: str | None
+    model_sha256: str | None
+    mmproj_sha256: str | None
 
     def __init__(
         self,
@@ -220,8 +264,13 @@ class LlmConfig:
         flash_attn: bool = False,
         chat_template: str | None = None,
         use_mmap: bool = True,
+        mmproj_path: str | os.PathLike[str] | None = None,
+        model_sha256: str | None = None,
+        mmproj_sha256: str | None = None,
     ) -> None:
         owner = "LlmConfig"
+        if isinstance(mmproj_path, os.PathLike):
+            mmproj_path = os.fspath(mmproj_path)
         if isinstance(model_path, os.PathLike):
             model_path = os.fspath(model_path)
         if not isinstance(model_path, str) or not model_path:
@@ -242,6 +291,9 @@ class LlmConfig:
             "flash_attn": _check_bool(owner, "flash_attn", flash_attn),
             "chat_template": _check_optional_str(owner, "chat_template", chat_template),
             "use_mmap": _check_bool(owner, "use_mmap", use_mmap),
+            "mmproj_path": _check_optional_str(owner, "mmproj_path", mmproj_path),
+            "model_sha256": _check_sha256(owner, "model_sha256", model_sha256),
+            "mmproj_sha256": _check_sha256(owner, "mmproj_sha256", mmproj_sha256),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -438,6 +490,7 @@ class GenerationOutput:
     cached_prompt_tokens: int = 0
     stop_reason: str | None = None
     token_ids: tuple[int, ...] = field(default=())
+    media_tokens: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """Telemetry mapping under the canonical key names.
@@ -468,5 +521,6 @@ class GenerationOutput:
             "inter_chunk_ms": self.inter_chunk_ms,
             "decode_tps": self.decode_tps,
             "prefill_tps": self.prefill_tps,
+            "media_tokens": self.media_tokens,
             "token_ids": list(self.token_ids),
         }

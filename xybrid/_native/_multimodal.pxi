@@ -132,6 +132,21 @@ cdef class Multimodal:
                         raise InvalidInputError(f"media {i}: this projector has no audio encoder")
                     data = raw
                     bitmaps[i] = mtmd_bitmap_init_from_audio(len(raw) // 4, <const float *> &data[0])
+                elif kind == "audio_file":
+                    # An encoded wav/mp3/flac file: miniaudio (inside mtmd)
+                    # decodes it and resamples to the encoder's rate.
+                    raw = item[1]
+                    if not self.audio:
+                        raise InvalidInputError(f"media {i}: this projector has no audio encoder")
+                    if len(raw) == 0:
+                        raise InvalidInputError(f"media {i}: the audio file is empty")
+                    data = raw
+                    bitmaps[i] = mtmd_helper_bitmap_init_from_buf(
+                        self.ptr, &data[0], len(raw), False, mtmd_helper_init_opt_default()).bitmap
+                    if bitmaps[i] == NULL:
+                        raise InvalidInputError(f"media {i}: not a readable wav, mp3 or flac file")
+                    if not mtmd_bitmap_is_audio(bitmaps[i]):
+                        raise InvalidInputError(f"media {i}: the file is an image, not audio")
                 else:
                     raise InvalidInputError(f"media {i}: unknown kind {kind!r}")
                 if bitmaps[i] == NULL:

@@ -130,6 +130,16 @@ cdef extern from "mtmd.h" nogil:
 
 
 cdef extern from "mtmd-helper.h" nogil:
+    cdef struct mtmd_helper_init_opt:
+        pass
+    cdef struct mtmd_helper_bitmap_wrapper:
+        mtmd_bitmap * bitmap
+    mtmd_helper_init_opt mtmd_helper_init_opt_default()
+    # Decodes wav/mp3/flac (miniaudio, resampled to the encoder's rate) or
+    # stb images from an encoded file in memory; bitmap is NULL on failure.
+    mtmd_helper_bitmap_wrapper mtmd_helper_bitmap_init_from_buf(
+        const mtmd_context * ctx, const unsigned char * buf, size_t length, bint placeholder,
+        mtmd_helper_init_opt opt)
     size_t mtmd_helper_get_n_tokens(const mtmd_input_chunks * chunks)
     llama_pos mtmd_helper_get_n_pos(const mtmd_input_chunks * chunks)
     void mtmd_helper_log_set(ggml_log_callback log_callback, void * user_data)

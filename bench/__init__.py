@@ -1,0 +1,1 @@
+"""Benchmark harness of xybrid: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,1263 @@
+"""GBNF grammars for constrained output: pre-checks and a JSON-schema converter.
+
+llama.cpp constrains sampling with a GBNF grammar. This module prepares those
+grammars on the Python side:
+
+- :func:`validate_grammar` runs cheap checks before a grammar reaches the native
+  sampler: a size bound and an alternation bound (a huge or wildly branching
+  grammar makes every sampled token expensive), then a syntax scan that follows
+  llama.cpp's own parser so a typo is reported with its line and column instead
+  of a bare "failed to parse".
+- :func:`json_schema_to_gbnf` turns a JSON schema into a grammar whose every
+  sentence is an instance of the schema (see its docstring for what is and is
+  not enforced).
+- :data:`JSON_OBJECT_GBNF`, :func:`json_value_grammar` and
+  :func:`response_format_to_grammar` cover the OpenAI ``response_format``
+  modes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
+from typing import Any, Final
+from urllib.parse import unquote
+
+from xybrid.errors import GrammarError, InvalidInputError
+
+__all__ = [
+    "MAX_GRAMMAR_BYTES",
+    "MAX_GRAMMAR_ALTERNATIONS",
+    "JSON_OBJECT_GBNF",
+    "validate_grammar",
+    "json_schema_to_gbnf",
+    "json_value_grammar",
+    "response_format_to_grammar",
+]
+
+#: Largest grammar source, in UTF-8 bytes, forwarded to llama.cpp. Real
+#: grammars are a few KiB; anything past this is refused as abusive.
+MAX_GRAMMAR_BYTES: Final[int] = 64 * 1024
+
+#: Most ``|`` characters a grammar may contain. Every ``|`` in the source is
+#: counted, including those inside literals, character classes and comments:
+#: the count is a cheap bound on branching, not a parse.
+MAX_GRAMMAR_ALTERNATIONS: Final[int] = 4096
+
+# llama.cpp refuses repetition counts above this (MAX_REPETITION_THRESHOLD).
+_LLAMA_MAX_REPETITION: Final[int] = 2000
+
+
+# ---------------------------------------------------------------------------
+# validate_grammar
+# ---------------------------------------------------------------------------
+
+
+def validate_grammar(gbnf: str) -> str:
+    """Check a GBNF grammar before it is handed to llama.cpp; return it unchanged.
+
+    Raises :class:`GrammarError` naming the problem when the grammar is larger
+    than :data:`MAX_GRAMMAR_BYTES`, has more than
+    :data:`MAX_GRAMMAR_ALTERNATIONS` ``|`` characters, is empty, is not valid
+    GBNF syntax (unterminated literal or character class, unbalanced
+    parentheses, a bad escape or repetition), uses a rule it never defines, or
+    defines no ``root`` rule. Semantic checks that need the vocabulary (token
+    references) or the compiled grammar (left recursion) are left to llama.cpp.
+    """
+    if not isinstance(gbnf, str):
+        raise GrammarError(f"grammar must be a str of GBNF text, got {type(gbnf).__name__}")
+    size = len(gbnf.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_GRAMMAR_BYTES:
+        raise GrammarError(
+            f"grammar is {size} bytes, over the limit of {MAX_GRAMMAR_BYTES} bytes"
+        )
+    alternations = gbnf.count("|")
+    if alternations > MAX_GRAMMAR_ALTERNATIONS:
+        raise GrammarError(
+            f"grammar has {alternations} '|' alternation operators, over the limit of "
+            f"{MAX_GRAMMAR_ALTERNATIONS}"
+        )
+    if not gbnf.strip():
+        raise GrammarError("grammar is empty")
+    _GbnfChecker(gbnf).check()
+    return gbnf
+
+
+def _is_word_char(c: str) -> bool:
+    # llama.cpp rule names: ASCII letters, digits and '-' (no underscore).
+    return ("a" <= c <= "z") or ("A" <= c <= "Z") or ("0" <= c <= "9") or c == "-"
+
+
+class _GbnfChecker:
+    """A syntax-only walk over GBNF that mirrors llama.cpp's recursive descent.
+
+    It accepts exactly what llama.cpp's parser accepts (so it never refuses a
+    grammar the native side would take) and records rule definitions and
+    references for the root / undefined-rule checks.
+    """
+
+    def __init__(self, src: str) -> None:
+        self.src = src
+        self.n = len(src)
+        self.defined: set[str] = set()
+        self.references: dict[str, int] = {}
+
+    # -- diagnostics --------------------------------------------------------
+
+    def error(self, pos: int, message: str) -> GrammarError:
+        line = self.src.count("\n", 0, pos) + 1
+        column = pos - (self.src.rfind("\n", 0, pos) + 1) + 1
+        return GrammarError(f"grammar line {line}, column {column}: {message}")
+
+    def at(self, pos: int) -> str:
+        return self.src[pos] if pos < self.n else ""
+
+    # -- lexical helpers ----------------------------------------------------
+
+    def space(self, pos: int, newline_ok: bool) -> int:
+        src, n = self.src, self.n
+        while pos < n:
+            c = src[pos]
+            if c == "#":
+                while pos < n and src[pos] not in "\r\n":
+                    pos += 1
+            elif c in " \t" or (newline_ok and c in "\r\n"):
+                pos += 1
+            else:
+                break
+        return pos
+
+    def name_end(self, pos: int) -> int:
+        end = pos
+        while end < self.n and _is_word_char(self.src[end]):
+            end += 1
+        if end == pos:
+            found = self.at(pos)
+            raise self.error(
+                pos,
+                f"expected a rule name, found {found!r}"
+                + (" (rule names may use only letters, digits and '-')" if found == "_" else ""),
+            )
+        return end
+
+    def int_end(self, pos: int) -> int:
+        end = pos
+        while end < self.n and self.src[end].isascii() and self.src[end].isdigit():
+            end += 1
+        if end == pos:
+            raise self.error(pos, f"expected an integer, found {self.at(pos)!r}")
+        return end
+
+    def char(self, pos: int) -> int:
+        """Skip one (possibly escaped) character of a literal or class."""
+        if self.at(pos) != "\\":
+            return pos + 1
+        kind = self.at(pos + 1)
+        hex_digits = {"x": 2, "u": 4, "U": 8}.get(kind)
+        if hex_digits is not None:
+            digits = self.src[pos + 2 : pos + 2 + hex_digits]
+            if len(digits) != hex_digits or any(c not in "0123456789abcdefABCDEF" for c in digits):
+                raise self.error(pos, f"escape \\{kind} needs {hex_digits} hex digits")
+            return pos + 2 + hex_digits
+        if kind and kind in 'trn\\"[]-':
+            return pos + 2
+        raise self.error(pos, f"unknown escape '\\{kind}'")
+
+    # -- grammar structure --------------------------------------------------
+
+    def check(self) -> None:
+        pos = self.space(0, True)
+        while pos < self.n:
+            pos = self.rule(pos)
+        if "root" not in self.defined:
+            raise GrammarError("grammar defines no 'root' rule (generation starts at 'root')")
+        for name, where in self.references.items():
+            if name not in self.defined:
+                raise self.error(where, f"rule {name!r} is used but never defined")
+
+    def rule(self, pos: int) -> int:
+        end = self.name_end(pos)
+        name = self.src[pos:end]
+        pos = self.space(end, False)
+        if not self.src.startswith("::=", pos):
+            raise self.error(pos, f"expected '::=' after rule name {name!r}")
+        self.defined.add(name)
+        pos = self.alternates(self.space(pos + 3, True), nested=False)
+        c = self.at(pos)
+        if c == "\r":
+            pos += 2 if self.at(pos + 1) == "\n" else 1
+        elif c == "\n":
+            pos += 1
+        elif c == ")":
+            raise self.error(pos, "unbalanced ')' with no matching '('")
+        elif c == "]":
+            raise self.error(pos, "unbalanced ']' with no matching '['")
+        elif c:
+            raise self.error(pos, f"unexpected {c!r} in the body of rule {name!r}")
+        return self.space(pos, True)
+
+    def alternates(self, pos: int, nested: bool) -> int:
+        pos = self.sequence(pos, nested)
+        while self.at(pos) == "|":
+            pos = self.sequence(self.space(pos + 1, True), nested)
+        return pos
+
+    def sequence(self, pos: int, nested: bool) -> int:
+        has_item = False
+        while pos < self.n:
+            c = self.src[pos]
+            start = pos
+            if c == '"':
+                pos += 1
+                while self.at(pos) != '"':
+                    if pos >= self.n:
+                        raise self.error(start, "unterminated string literal")
+                    pos = self.char(pos)
+                pos = self.space(pos + 1, nested)
+            elif c == "[":
+                pos += 1
+                if self.at(pos) == "^":
+                    pos += 1
+                while self.at(pos) != "]":
+                    if pos >= self.n:
+                        raise self.error(start, "unterminated character class '['")
+                    pos = self.char(pos)
+                    if self.at(pos) == "-" and self.at(pos + 1) != "]":
+                        if pos + 1 >= self.n:
+                            raise self.error(start, "unterminated character class '['")
+                        pos = self.char(pos + 1)
+                pos = self.space(pos + 1, nested)
+            elif c in "<!":
+                pos = self.token(pos)
+                pos = self.space(pos, nested)
+            elif _is_word_char(c):
+                end = self.name_end(pos)
+                self.references.setdefault(self.src[pos:end], pos)
+                pos = self.space(end, nested)
+            elif c == "(":
+                pos = self.alternates(self.space(pos + 1, True), nested=True)
+                if self.at(pos) != ")":
+                    raise self.error(start, "unclosed '(' (no matching ')')")
+                pos = self.space(pos + 1, nested)
+            elif c == ".":
+                pos = self.space(pos + 1, nested)
+            elif c in "*+?":
+                if not has_item:
+                    raise self.error(pos, f"'{c}' has nothing before it to repeat")
+                pos = self.space(pos + 1, nested)
+                continue
+            elif c == "{":
+                if not has_item:
+                    raise self.error(pos, "'{' has nothing before it to repeat")
+                pos = self.repetition(pos, nested)
+                continue
+            else:
+                break
+            has_item = True
+        return pos
+
+    def token(self, pos: int) -> int:
+        start = pos
+        if self.at(pos) == "!":
+            pos += 1
+        if self.at(pos) != "<":
+            raise self.error(pos, "expected '<' to start a token reference")
+        pos += 1
+        if self.at(pos) == "[":
+            pos = self.int_end(pos + 1)
+            if self.at(pos) != "]" or self.at(pos + 1) != ">":
+                raise self.error(pos, "expected ']>' to close a token id")
+            return pos + 2
+        close = self.src.find(">", pos)
+        if close < 0:
+            raise self.error(start, "unterminated token reference '<'")
+        return close + 1
+
+    def repetition(self, pos: int, nested: bool) -> int:
+        start = pos
+        pos = self.space(pos + 1, nested)
+        end = self.int_end(pos)
+        low = int(self.src[pos:end])
+        pos = self.space(end, nested)
+        if self.at(pos) == ",":
+            pos = self.space(pos + 1, nested)
+            if self.at(pos).isascii() and self.at(pos).isdigit():
+                end = self.int_end(pos)
+                high = int(self.src[pos:end])
+                if high < low:
+                    raise self.error(start, f"repetition {{{low},{high}}} has max below min")
+                pos = self.space(end, nested)
+        elif self.at(pos) != "}":
+            raise self.error(pos, "expected ',' or '}' in a repetition")
+        if self.at(pos) != "}":
+            raise self.error(pos, "expected '}' to close a repetition")
+        if low > _LLAMA_MAX_REPETITION:
+            raise self.error(
+                start, f"repetition count {low} is over llama.cpp's limit of {_LLAMA_MAX_REPETITION}"
+            )
+        return self.space(pos + 1, nested)
+
+
+# ---------------------------------------------------------------------------
+# GBNF text helpers
+# ---------------------------------------------------------------------------
+
+
+def _escape_char(c: str, specials: str) -> str:
+    if c in specials:
+        return "\\" + c
+    if c == "\n":
+        return "\\n"
+    if c == "\r":
+        return "\\r"
+    if c == "\t":
+        return "\\t"
+    code = ord(c)
+    if code < 0x20 or code == 0x7F:
+        return f"\\x{code:02X}"
+    if 0xD800 <= code <= 0xDFFF:
+        raise GrammarError(f"text contains a lone surrogate U+{code:04X}")
+    return c
+
+
+def _literal(text: str) -> str:
+    """A GBNF string literal matching ``text`` exactly."""
+    return '"' + "".join(_escape_char(c, '"\\') for c in text) + '"'
+
+
+def _class_char(c: str) -> str:
+    return _escape_char(c, "\\]-[\"")
+
+
+def _repeat(item: str, low: int, high: int | None) -> str:
+    """``item`` repeated low..high times (high None: unbounded); ``item`` is atomic."""
+    if high is not None and high == 0:
+        return ""
+    if high is None:
+        if low == 0:
+            return item + "*"
+        if low == 1:
+            return item + "+"
+        return f"{item}{{{low},}}"
+    if low == 0 and high == 1:
+        return item + "?"
+    if low == high:
+        return item if low == 1 else f"{item}{{{low}}}"
+    return f"{item}{{{low},{high}}}"
+
+
+def _seq(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+def _group(alternatives: list[str]) -> str:
+    """An alternation as one atom; an empty alternative makes it optional."""
+    optional = "" in alternatives
+    alts = list(dict.fromkeys(a for a in alternatives if a))
+    if not alts:
+        return ""
+    body = alts[0] if len(alts) == 1 else " | ".join(alts)
+    if len(alts) == 1 and " " not in body and "|" not in body:
+        atom = body
+    else:
+        atom = f"( {body} )"
+    return atom + "?" if optional else atom
+
+
+# ---------------------------------------------------------------------------
+# Rule set shared by one grammar
+# ---------------------------------------------------------------------------
+
+# Maximum integral digits, fraction digits and exponent digits a generated
+# number may have. Bounding them keeps a model from emitting digits forever.
+_INT_DIGITS: Final[int] = 19
+_FRAC_DIGITS: Final[int] = 16
+_EXP_DIGITS: Final[int] = 4
+# Above this, a maxLength / maxItems bound is not written into the grammar
+# (llama.cpp expands a bounded repetition into one rule per optional step).
+_MAX_BOUNDED_REPEAT: Final[int] = 1000
+
+# Whitespace between JSON tokens: nothing, one space, or a newline and an
+# indent of up to 20 spaces or tabs. Bounded so a model cannot pad forever.
+_PRIMITIVES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
+    "ws": ('( " " | "\\n" [ \\t]{0,20} )?', ()),
+    "json-char": ('[^"\\\\\\x00-\\x1F] | "\\\\" ( ["\\\\/bfnrt] | "u" [0-9a-fA-F]{4} )', ()),
+    "json-string": ('"\\"" json-char* "\\""', ("json-char",)),
+    "json-int": (f'"-"? ( "0" | [1-9] [0-9]{{0,{_INT_DIGITS - 1}}} )', ()),
+    "json-number": (
+        f'json-int ( "." [0-9]{{1,{_FRAC_DIGITS}}} )? ( [eE] [-+]? [0-9]{{1,{_EXP_DIGITS}}} )?',
+        ("json-int",),
+    ),
+    "json-bool": ('"true" | "false"', ()),
+    "json-null": ('"null"', ()),
+    "json-value": (
+        "json-object | json-array | json-string | json-number | json-bool | json-null",
+        ("json-object", "json-array", "json-string", "json-number", "json-bool", "json-null"),
+    ),
+    "json-member": ('json-string ws ":" ws json-value', ("json-string", "ws", "json-value")),
+    "json-object": (
+        '"{" ws "}" | "{" ws json-member ( "," ws json-member )* ws "}"',
+        ("ws", "json-member"),
+    ),
+    "json-array": (
+        '"[" ws "]" | "[" ws json-value ( "," ws json-value )* ws "]"',
+        ("ws", "json-value"),
+    ),
+    "json-date": (
+        '[0-9]{4} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] )',
+        (),
+    ),
+    "json-time": (
+        '( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9]{1,9} )? '
+        '( "Z" | [+\\-] ( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] )',
+        (),
+    ),
+    "json-date-time": ('json-date "T" json-time', ("json-date", "json-time")),
+    "json-uuid": (
+        '[0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" '
+        "[0-9a-fA-F]{12}",
+        (),
+    ),
+}
+
+_FORMAT_RULES: Final[dict[str, str]] = {
+    "date": "json-date",
+    "time": "json-time",
+    "date-time": "json-date-time",
+    "uuid": "json-uuid",
+}
+
+
+class _RuleSet:
+    """The rules of one grammar under unique llama.cpp-safe names, root first."""
+
+    def __init__(self) -> None:
+        self._rules: dict[str, str | None] = {}
+
+    def primitive(self, name: str) -> str:
+        if name not in self._rules:
+            body, deps = _PRIMITIVES[name]
+            self._rules[name] = body
+            for dep in deps:
+                self.primitive(dep)
+        return name
+
+    def reserve(self, hint: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9-]+", "-", hint).strip("-") or "rule"
+        if base in _PRIMITIVES:
+            base += "-rule"
+        name, counter = base, 1
+        while name in self._rules:
+            counter += 1
+            name = f"{base}-{counter}"
+        self._rules[name] = None
+        return name
+
+    def define(self, name: str, body: str) -> None:
+        self._rules[name] = body if body else '""'
+
+    def add(self, hint: str, body: str) -> str:
+        name = self.reserve(hint)
+        self.define(name, body)
+        return name
+
+    def render(self) -> str:
+        lines = []
+        for name, body in sorted(self._rules.items(), key=lambda item: item[0] != "root"):
+            if body is None:  # pragma: no cover - a converter bug
+                raise GrammarError(f"internal error: rule {name!r} was reserved but never defined")
+            lines.append(f"{name} ::= {body}")
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Number ranges
+# ---------------------------------------------------------------------------
+
+
+def _digit(lo: int, hi: int) -> str:
+    if lo == hi:
+        return f'"{lo}"'
+    if lo == 0 and hi == 9:
+        return "[0-9]"
+    return f"[{lo}-{hi}]"
+
+
+_Tail = Callable[[bool, bool], "str | None"]
+
+
+def _bounded_digits(lo: str, hi: str, tail: _Tail) -> str | None:
+    """Digit strings ``s`` of len(lo) with lo <= s <= hi, each followed by a tail.
+
+    ``tail(tight_lo, tight_hi)`` gives what may follow when ``s`` equals the
+    low / high bound (None when nothing may follow, removing that branch).
+    """
+    n = len(lo)
+    tails: dict[tuple[bool, bool], str | None] = {}
+
+    def end(tl: bool, th: bool) -> str | None:
+        if (tl, th) not in tails:
+            tails[(tl, th)] = tail(tl, th)
+        return tails[(tl, th)]
+
+    def walk(i: int, tl: bool, th: bool) -> str | None:
+        # A bound whose remaining digits are all 0 (low) / 9 (high) constrains
+        # nothing more than the free case when its tail is the same.
+        if tl and lo[i:] == "0" * (n - i) and end(True, th) == end(False, th):
+            tl = False
+        if th and hi[i:] == "9" * (n - i) and end(tl, True) == end(tl, False):
+            th = False
+        if i == n:
+            return end(tl, th)
+        if not tl and not th:
+            rest = end(False, False)
+            return None if rest is None else _seq(_repeat("[0-9]", n - i, n - i), rest)
+        lo_d = int(lo[i]) if tl else 0
+        hi_d = int(hi[i]) if th else 9
+        if tl and th and lo_d == hi_d:
+            sub = walk(i + 1, True, True)
+            return None if sub is None else _seq(f'"{lo_d}"', sub)
+        alts: list[str] = []
+        if tl:
+            sub = walk(i + 1, True, False)
+            if sub is not None:
+                alts.append(_seq(f'"{lo_d}"', sub))
+        a, b = lo_d + (1 if tl else 0), hi_d - (1 if th else 0)
+        if a <= b:
+            sub = walk(i + 1, False, False)
+            if sub is not None:
+                alts.append(_seq(_digit(a, b), sub))
+        if th:
+            sub = walk(i + 1, False, True)
+            if sub is not None:
+                alts.append(_seq(f'"{hi_d}"', sub))
+        return _group(alts) if alts else None
+
+    return walk(0, True, True)
+
+
+def _fraction(
+    lo: str | None, lo_strict: bool, hi: str | None, hi_strict: bool, max_digits: int
+) -> str | None:
+    """An optional ``"." digits`` part whose value 0.F satisfies the bounds.
+
+    ``lo`` / ``hi`` are the fraction digits of a bound the integer part equals
+    (trailing zeros stripped; None when that bound no longer applies).
+    """
+
+    def end_ok(lo_rest: str | None, hi_rest: str | None) -> bool:
+        lo_ok = lo_rest is None or (lo_rest == "" and not lo_strict)
+        hi_ok = hi_rest is None or hi_rest != "" or not hi_strict
+        return lo_ok and hi_ok
+
+    def digits(lo_rest: str | None, hi_rest: str | None, used: int, need: bool) -> str | None:
+        room = max_digits - used
+        if lo_rest is None and hi_rest is None:
+            if room == 0:
+                return None if need else ""
+            return _repeat("[0-9]", 1 if need else 0, room)
+        alts: list[str] = []
+        if not need and end_ok(lo_rest, hi_rest):
+            alts.append("")
+        if room > 0:
+            lo_d = (int(lo_rest[0]) if lo_rest else 0) if lo_rest is not None else 0
+            hi_d = (int(hi_rest[0]) if hi_rest else 0) if hi_rest is not None else 9
+            lo_next = lo_rest[1:] if lo_rest else ""
+            hi_next = hi_rest[1:] if hi_rest else ""
+            branches: list[tuple[str, str | None, str | None]] = []
+            if lo_rest is not None and hi_rest is not None and lo_d == hi_d:
+                branches.append((f'"{lo_d}"', lo_next, hi_next))
+            else:
+                if lo_rest is not None and lo_d <= hi_d:
+                    branches.append((f'"{lo_d}"', lo_next, None))
+                a = lo_d + (1 if lo_rest is not None else 0)
+                b = hi_d - (1 if hi_rest is not None else 0)
+                if a <= b:
+                    branches.append((_digit(a, b), None, None))
+                if hi_rest is not None and lo_d < hi_d:
+                    branches.append((f'"{hi_d}"', None, hi_next))
+            for head, lo_n, hi_n in branches:
+                sub = digits(lo_n, hi_n, used + 1, False)
+                if sub is not None:
+                    alts.append(_seq(head, sub))
+        if not alts:
+            return None
+        return _group(alts) if alts != [""] else ""
+
+    if max_digits == 0:
+        return "" if end_ok(lo, hi) else None
+    alts: list[str] = []
+    if end_ok(lo, hi):
+        alts.append("")
+    body = digits(lo, hi, 0, True)
+    if body is not None:
+        alts.append(_seq('"."', body))
+    if not alts:
+        return None
+    return _group(alts) if alts != [""] else ""
+
+
+def _split(value: Decimal) -> tuple[int, str]:
+    """Integral part and stripped fraction digits of a non-negative decimal."""
+    text = format(value, "f")
+    whole, _, frac = text.partition(".")
+    return int(whole), frac.rstrip("0")
+
+
+def _magnitude(
+    lo: Decimal, lo_strict: bool, hi: Decimal | None, hi_strict: bool, frac_digits: int
+) -> str | None:
+    """Unsigned JSON numbers (no exponent) in the range lo..hi, lo >= 0."""
+    lo_int, lo_frac = _split(lo)
+    hi_int, hi_frac = _split(hi) if hi is not None else (0, "")
+    if hi is not None and len(str(hi_int)) > _INT_DIGITS:
+        hi = None
+    lo_len = len(str(lo_int))
+    if lo_len > _INT_DIGITS:
+        return None
+    hi_len = len(str(hi_int)) if hi is not None else lo_len
+    alts: list[str] = []
+    for length in range(lo_len, hi_len + 1):
+        lo_real = length == lo_len
+        hi_real = hi is not None and length == hi_len
+        lo_s = str(lo_int) if lo_real else "1" + "0" * (length - 1)
+        hi_s = str(hi_int) if hi_real else "9" * length
+        if lo_s > hi_s:
+            continue
+
+        def tail(tl: bool, th: bool, lo_real: bool = lo_real, hi_real: bool = hi_real) -> str | None:
+            return _fraction(
+                lo_frac if tl and lo_real else None,
+                lo_strict,
+                hi_frac if th and hi_real else None,
+                hi_strict,
+                frac_digits,
+            )
+
+        expr = _bounded_digits(lo_s, hi_s, tail)
+        if expr is not None:
+            alts.append(expr)
+    if hi is None and lo_len < _INT_DIGITS:
+        free_frac = _fraction(None, False, None, False, frac_digits)
+        alts.append(_seq("[1-9]", _repeat("[0-9]", lo_len, _INT_DIGITS - 1), free_frac or ""))
+    return _group(alts) if alts else None
+
+
+def _number_range(
+    lo: Decimal | None, lo_strict: bool, hi: Decimal | None, hi_strict: bool, integer: bool
+) -> str:
+    """A GBNF expression for JSON numbers (integers when ``integer``) in range."""
+    if integer:
+        if lo is not None:
+            lo = (lo.to_integral_value(ROUND_FLOOR) + 1) if lo_strict else lo.to_integral_value(
+                ROUND_CEILING
+            )
+        if hi is not None:
+            hi = (hi.to_integral_value(ROUND_CEILING) - 1) if hi_strict else hi.to_integral_value(
+                ROUND_FLOOR
+            )
+        lo_strict = hi_strict = False
+    if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_strict or hi_strict))):
+        raise GrammarError(f"the numeric range [{lo}, {hi}] admits no value")
+    frac_digits = 0 if integer else _FRAC_DIGITS
+    alts: list[str] = []
+    if hi is None or hi > 0 or (hi == 0 and not hi_strict):
+        if lo is not None and lo >= 0:
+            m = _magnitude(lo, lo_strict, hi, hi_strict, frac_digits)
+        else:
+            m = _magnitude(Decimal(0), False, hi, hi_strict, frac_digits)
+        if m is not None:
+            alts.append(m)
+    if lo is None or lo < 0:
+        if hi is not None and hi <= 0:
+            m_lo, m_lo_strict = -hi, hi_strict
+        else:
+            m_lo, m_lo_strict = Decimal(0), False
+        m_hi, m_hi_strict = (-lo, lo_strict) if lo is not None else (None, False)
+        m = _magnitude(m_lo, m_lo_strict, m_hi, m_hi_strict, frac_digits)
+        if m is not None:
+            alts.append(_seq('"-"', m))
+    if not alts:
+        raise GrammarError("the numeric range admits no value that fits in a generated number")
+    return _group(alts)
+
+
+# ---------------------------------------------------------------------------
+# JSON schema -> GBNF
+# ---------------------------------------------------------------------------
+
+_ANNOTATIONS: Final[frozenset[str]] = frozenset(
+    {
+        "title", "description", "default", "examples", "example", "$schema", "$id",
+        "$comment", "$anchor", "deprecated", "readOnly", "writeOnly", "contentMediaType",
+        "contentEncoding", "contentSchema", "discriminator", "xml", "externalDocs",
+        "$defs", "definitions", "strict",
+    }
+)
+
+_UNSUPPORTED: Final[frozenset[str]] = frozenset(
+    {
+        "pattern", "patternProperties", "propertyNames", "minProperties", "maxProperties",
+        "dependentRequired", "dependentSchemas", "dependencies", "uniqueItems", "contains",
+        "minContains", "maxContains", "multipleOf", "not", "if", "then", "else",
+        "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
+    }
+)
+
+_TYPES: Final[frozenset[str]] = frozenset(
+    {"object", "array", "string", "number", "integer", "boolean", "null"}
+)
+
+_OBJECT_KEYS = ("properties", "required", "additionalProperties")
+_ARRAY_KEYS = ("items", "prefixItems", "minItems", "maxItems", "additionalItems")
+_STRING_KEYS = ("minLength", "maxLength", "format")
+_NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _compact_json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise GrammarError(f"schema value {value!r} is not JSON: {exc}") from None
+
+
+def _decimal(value: object, keyword: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GrammarError(f"schema keyword {keyword!r} must be a number, got {value!r}")
+    try:
+        number = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
+    except InvalidOperation:  # pragma: no cover - str(float) is always parseable
+        raise GrammarError(f"schema keyword {keyword!r} is not a usable number: {value!r}") from None
+    if not number.is_finite():
+        raise GrammarError(f"schema keyword {keyword!r} must be finite, got {value!r}")
+    return number
+
+
+def _count(schema: Mapping[str, Any], keyword: str) -> int | None:
+    value = schema.get(keyword)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise GrammarError(f"schema keyword {keyword!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class _SchemaConverter:
+    """Converts one schema document into rules of a shared :class:`_RuleSet`."""
+
+    def __init__(self, rules: _RuleSet, document: object, *, strict: bool, prefix: str) -> None:
+        self.rules = rules
+        self.document = document
+        self.strict = strict
+        self.prefix = prefix
+        self.ref_rules: dict[str, str] = {}
+
+    # -- entry points -------------------------------------------------------
+
+    def convert(self, schema: object, hint: str) -> str:
+        """Return the name of a rule matching instances of ``schema``."""
+        name = self.rules.reserve(hint)
+        self.rules.define(name, self.visit(schema, name))
+        return name
+
+    def visit(self, schema: object, hint: str) -> str:
+        """Return a GBNF expression (alternatives allowed) for ``schema``."""
+        if schema is True or (isinstance(schema, Mapping) and not schema):
+            return self.rules.primitive("json-value")
+        if schema is False:
+            raise GrammarError(f"schema at {hint!r} is false: no value can match it")
+        if not isinstance(schema, Mapping):
+            raise GrammarError(f"schema at {hint!r} must be an object or a bool, got {schema!r}")
+        self.check_keywords(schema, hint)
+
+        if "$ref" in schema:
+            return self.visit_ref(schema, hint)
+        if "allOf" in schema:
+            return self.visit(self.merge_all_of(schema, hint), hint)
+        if schema.get("nullable") is True:
+            rest = {k: v for k, v in schema.items() if k != "nullable"}
+            return _seq(self.visit(rest, hint)) + " | " + self.rules.primitive("json-null")
+        if "const" in schema:
+            return _literal(_compact_json(schema["const"]))
+        if "enum" in schema:
+            return self.visit_enum(schema, hint)
+        for union in ("anyOf", "oneOf"):
+            if union in schema:
+                return self.visit_union(schema, union, hint)
+
+        kind = schema.get("type")
+        if kind is None:
+            kind = self.infer_type(schema)
+        if isinstance(kind, list):
+            if not kind or not all(isinstance(k, str) for k in kind):
+                raise GrammarError(f"schema 'type' at {hint!r} must be a non-empty list of names")
+            alts = [self.visit({**schema, "type": k}, f"{hint}-{k}") for k in dict.fromkeys(kind)]
+            return " | ".join(f"( {a} )" if "|" in a else a for a in alts)
+        if kind is None:
+            return self.rules.primitive("json-value")
+        if not isinstance(kind, str) or kind not in _TYPES:
+            raise GrammarError(f"schema 'type' at {hint!r} is not a JSON type: {kind!r}")
+        if kind == "object":
+            return self.visit_object(schema, hint)
+        if kind == "array":
+            return self.visit_array(schema, hint)
+        if kind == "string":
+            return self.visit_string(schema, hint)
+        if kind in ("number", "integer"):
+            return self.visit_number(schema, kind == "integer")
+        if kind == "boolean":
+            return self.rules.primitive("json-bool")
+        return self.rules.primitive("json-null")
+
+    # -- keyword bookkeeping --------------------------------------------------
+
+    def check_keywords(self, schema: Mapping[str, Any], hint: str) -> None:
+        if not self.strict:
+            return
+        bad = sorted(k for k in schema if k in _UNSUPPORTED)
+        if bad:
+            raise GrammarError(
+                f"schema at {hint!r} uses {', '.join(repr(k) for k in bad)}, which cannot be "
+                "enforced by a grammar; remove it or convert with strict=False to ignore it"
+            )
+
+    @staticmethod
+    def infer_type(schema: Mapping[str, Any]) -> str | None:
+        found = set()
+        if any(k in schema for k in _OBJECT_KEYS):
+            found.add("object")
+        if any(k in schema for k in _ARRAY_KEYS):
+            found.add("array")
+        if any(k in schema for k in _STRING_KEYS):
+            found.add("string")
+        if any(k in schema for k in _NUMBER_KEYS):
+            found.add("number")
+        if len(found) > 1:
+            raise GrammarError(
+                f"schema without 'type' mixes keywords of {sorted(found)}; add an explicit 'type'"
+            )
+        return found.pop() if found else None
+
+    # -- references and combinators ----------------------------------------
+
+    def resolve(self, ref: object) -> object:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise GrammarError(f"only local '$ref' values ('#/...') are supported, got {ref!r}")
+        target: object = self.document
+        pointer = unquote(ref[1:])
+        if pointer:
+            if not pointer.startswith("/"):
+                raise GrammarError(f"'$ref' {ref!r} is not a JSON pointer ('#/$defs/Name')")
+            for raw in pointer[1:].split("/"):
+                part = raw.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, Mapping) and part in target:
+                    target = target[part]
+                elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                    target = target[int(part)]
+                else:
+                    raise GrammarError(f"'$ref' {ref!r} points at nothing in the schema")
+        return target
+
+    def visit_ref(self, schema: Mapping[str, Any], hint: str) -> str:
+        ref = schema["$ref"]
+        siblings = {k: v for k, v in schema.items() if k != "$ref" and k not in _ANNOTATIONS}
+        if siblings:
+            merged = self.merge_all_of({"allOf": [self.resolve(ref), siblings]}, hint)
+            return self.visit(merged, hint)
+        key = str(ref)
+        name = self.ref_rules.get(key)
+        if name is None:
+            label = key.rsplit("/", 1)[-1] if key != "#" else "root"
+            name = self.rules.reserve(f"{self.prefix}ref-{label}")
+            self.ref_rules[key] = name
+            self.rules.define(name, self.visit(self.resolve(ref), name))
+        return name
+
+    def merge_all_of(self, schema: Mapping[str, Any], hint: str) -> dict[str, Any]:
+        parts = schema.get("allOf")
+        if not isinstance(parts, list) or not parts:
+            raise GrammarError(f"'allOf' at {hint!r} must be a non-empty list of schemas")
+        merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in parts:
+            seen: set[str] = set()
+            while isinstance(part, Mapping) and "$ref" in part:
+                ref = str(part["$ref"])
+                if ref in seen:
+                    raise GrammarError(f"'allOf' at {hint!r} follows a '$ref' cycle through {ref!r}")
+                seen.add(ref)
+                rest = {k: v for k, v in part.items() if k != "$ref"}
+                target = self.resolve(ref)
+                if not isinstance(target, Mapping):
+                    raise GrammarError(f"'allOf' at {hint!r} cannot merge {ref!r}")
+                part = {**target, **rest} if not rest else self.merge_all_of(
+                    {"allOf": [target, rest]}, hint
+                )
+            if part is True:
+                continue
+            if not isinstance(part, Mapping):
+                raise GrammarError(f"'allOf' at {hint!r} contains a non-object schema {part!r}")
+            if "allOf" in part:
+                part = self.merge_all_of(part, hint)
+            for key, value in part.items():
+                if key in _ANNOTATIONS:
+                    merged.setdefault(key, value)
+                elif key not in merged:
+                    merged[key] = value
+                elif key == "properties" and isinstance(value, Mapping):
+                    props = dict(merged[key])
+                    for prop, sub in value.items():
+                        if prop in props and props[prop] != sub:
+                            props[prop] = {"allOf": [props[prop], sub]}
+                        else:
+                            props[prop] = sub
+                    merged[key] = props
+                elif key == "required" and isinstance(value, list):
+                    merged[key] = list(dict.fromkeys([*merged[key], *value]))
+                elif merged[key] != value:
+                    raise GrammarError(
+                        f"'allOf' at {hint!r} combines different values of {key!r}, which is "
+                        "not supported"
+                    )
+        return merged
+
+    def visit_union(self, schema: Mapping[str, Any], keyword: str, hint: str) -> str:
+        options = schema[keyword]
+        if not isinstance(options, list) or not options:
+            raise GrammarError(f"'{keyword}' at {hint!r} must be a non-empty list of schemas")
+        rest = {k: v for k, v in schema.items() if k != keyword and k not in _ANNOTATIONS}
+        alts = []
+        for i, option in enumerate(options):
+            sub: object = option
+            if rest:
+                sub = {"allOf": [rest, option]}
+            alts.append(self.convert(sub, f"{hint}-{i}"))
+        return " | ".join(dict.fromkeys(alts))
+
+    def visit_enum(self, schema: Mapping[str, Any], hint: str) -> str:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise GrammarError(f"'enum' at {hint!r} must be a non-empty list")
+        kind = schema.get("type")
+        kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else None
+        if kinds is not None:
+            values = [v for v in values if _json_type_matches(v, kinds)]
+            if not values:
+                raise GrammarError(f"no 'enum' value at {hint!r} has the schema's 'type'")
+        return " | ".join(dict.fromkeys(_literal(_compact_json(v)) for v in values))
+
+    # -- types ----------------------------------------------------------------
+
+    def visit_object(self, schema: Mapping[str, Any], hint: str) -> str:
+        properties = schema.get("properties", {})
+        if not isinstance(properties, Mapping):
+            raise GrammarError(f"'properties' at {hint!r} must be an object")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise GrammarError(f"'required' at {hint!r} must be a list of property names")
+        missing = [r for r in required if r not in properties]
+        additional = schema.get("additionalProperties")
+        if missing and (additional is False or (additional is None and properties)):
+            # A required name with no declared schema is still allowed by an
+            # open object; for a closed one declare it as "any value".
+            properties = {**properties, **{r: True for r in missing}}
+        ws = self.rules.primitive("ws")
+
+        extra: str | None = None
+        if additional is None:
+            if not properties:
+                return self.rules.primitive("json-object")
+        elif additional is not False:
+            value = self.convert(additional, f"{hint}-additional") if additional is not True else (
+                self.rules.primitive("json-value")
+            )
+            extra = self.rules.add(
+                f"{hint}-extra", _seq(self.rules.primitive("json-string"), ws, '":"', ws, value)
+            )
+
+        members = []
+        for key, sub in properties.items():
+            if not isinstance(key, str):  # pragma: no cover - JSON keys are strings
+                raise GrammarError(f"property name {key!r} at {hint!r} is not a string")
+            value = self.convert(sub, f"{hint}-{key}")
+            member = _seq(_literal(json.dumps(key, ensure_ascii=False)), ws, '":"', ws, value)
+            members.append((member, key in required))
+        return self.object_body(members, extra, hint)
+
+    def object_body(self, members: list[tuple[str, bool]], extra: str | None, hint: str) -> str:
+        """Members in declared order; optional ones may be skipped, commas stay right."""
+        ws = self.rules.primitive("ws")
+        n = len(members)
+        rest_names: dict[int, str] = {}
+
+        def rest(i: int) -> str:
+            # Members from i on, after at least one member was written.
+            if i == n:
+                return _repeat(f'( "," {ws} {extra} )', 0, None) if extra else ""
+            if i not in rest_names:
+                member, needed = members[i]
+                item = _seq('","', ws, member)
+                item = item if needed else f"( {item} )?"
+                tail = rest(i + 1)
+                if not needed and not tail:
+                    rest_names[i] = item
+                else:
+                    rest_names[i] = self.rules.add(f"{hint}-rest-{i}", _seq(item, tail))
+            return rest_names[i]
+
+        firsts: list[str] = []
+        for i, (member, needed) in enumerate(members):
+            firsts.append(_seq(member, rest(i + 1)))
+            if needed:
+                break
+        else:
+            if extra:
+                firsts.append(_seq(extra, rest(n)))
+        any_required = any(needed for _, needed in members)
+        body = f'"{{" {ws} ' + _group(firsts).rstrip("?") + f' {ws} "}}"' if firsts else ""
+        alts = [] if any_required else [f'"{{" {ws} "}}"']
+        if body:
+            alts.append(body)
+        return " | ".join(alts)
+
+    def visit_array(self, schema: Mapping[str, Any], hint: str) -> str:
+        ws = self.rules.primitive("ws")
+        min_items = _count(schema, "minItems") or 0
+        max_items = _count(schema, "maxItems")
+        if max_items is not None and max_items < min_items:
+            raise GrammarError(f"array at {hint!r} has maxItems below minItems")
+        prefix = schema.get("prefixItems")
+        items = schema.get("items")
+        rest_schema: object = items
+        if isinstance(items, list):  # draft 4-7 tuple form
+            prefix, rest_schema = items, schema.get("additionalItems")
+        if prefix is not None and not isinstance(prefix, list):
+            raise GrammarError(f"'prefixItems' at {hint!r} must be a list of schemas")
+        prefix = list(prefix or [])
+        if max_items is not None:
+            prefix = prefix[:max_items]
+        fixed = [self.convert(sub, f"{hint}-{i}") for i, sub in enumerate(prefix)]
+        if rest_schema is False:
+            rest_rule = None
+        elif rest_schema is None or rest_schema is True:
+            rest_rule = self.rules.primitive("json-value")
+        else:
+            rest_rule = self.convert(rest_schema, f"{hint}-item")
+        lo = max(min_items - len(fixed), 0)
+        hi = None if max_items is None else max_items - len(fixed)
+        if rest_rule is None:
+            if min_items > len(fixed):
+                raise GrammarError(f"array at {hint!r} needs {min_items} items but allows {len(fixed)}")
+            hi = 0
+        if lo > _MAX_BOUNDED_REPEAT:
+            raise GrammarError(f"minItems {min_items} at {hint!r} is too large for a grammar")
+        if hi is not None and hi > _MAX_BOUNDED_REPEAT:
+            hi = None  # not enforced; documented
+
+        sep = f'"," {ws}'
+        if fixed:
+            head = f" {sep} ".join(fixed)
+            tail = _repeat(f"( {sep} {rest_rule} )", lo, hi) if rest_rule and hi != 0 else ""
+            return _seq('"["', ws, head, tail, ws, '"]"')
+        if hi == 0:
+            return _seq('"["', ws, '"]"')
+        assert rest_rule is not None
+        first_lo = max(lo - 1, 0)
+        more = _repeat(f"( {sep} {rest_rule} )", first_lo, None if hi is None else hi - 1)
+        filled = _seq('"["', ws, rest_rule, more, ws, '"]"')
+        if lo == 0:
+            return _seq('"["', ws, '"]"') + " | " + filled
+        return filled
+
+    def visit_string(self, schema: Mapping[str, Any], hint: str) -> str:
+        fmt = schema.get("format")
+        if isinstance(fmt, str) and fmt in _FORMAT_RULES:
+            return _seq('"\\""', self.rules.primitive(_FORMAT_RULES[fmt]), '"\\""')
+        lo = _count(schema, "minLength") or 0
+        hi = _count(schema, "maxLength")
+        if hi is not None and hi < lo:
+            raise GrammarError(f"string at {hint!r} has maxLength below minLength")
+        if lo == 0 and hi is None:
+            return self.rules.primitive("json-string")
+        if lo > _MAX_BOUNDED_REPEAT:
+            raise GrammarError(f"minLength {lo} at {hint!r} is too large for a grammar")
+        if hi is not None and hi > _MAX_BOUNDED_REPEAT:
+            hi = None  # not enforced; documented
+        char = self.rules.primitive("json-char")
+        return _seq('"\\""', _repeat(char, lo, hi), '"\\""')
+
+    def visit_number(self, schema: Mapping[str, Any], integer: bool) -> str:
+        lo: Decimal | None = None
+        hi: Decimal | None = None
+        lo_strict = hi_strict = False
+        if "minimum" in schema:
+            lo = _decimal(schema["minimum"], "minimum")
+        if "maximum" in schema:
+            hi = _decimal(schema["maximum"], "maximum")
+        ex_lo, ex_hi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        if ex_lo is True:  # draft 4: a flag on "minimum"
+            lo_strict = lo is not None
+        elif ex_lo is not None and ex_lo is not False:
+            bound = _decimal(ex_lo, "exclusiveMinimum")
+            if lo is None or bound >= lo:
+                lo, lo_strict = bound, True
+        if ex_hi is True:
+            hi_strict = hi is not None
+        elif ex_hi is not None and ex_hi is not False:
+            bound = _decimal(ex_hi, "exclusiveMaximum")
+            if hi is None or bound <= hi:
+                hi, hi_strict = bound, True
+        if lo is None and hi is None:
+            return self.rules.primitive("json-int" if integer else "json-number")
+        return _number_range(lo, lo_strict, hi, hi_strict, integer)
+
+
+def _json_type_matches(value: object, kinds: set[str]) -> bool:
+    if value is None:
+        return "null" in kinds
+    if isinstance(value, bool):
+        return "boolean" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"integer", "number"})
+    if isinstance(value, float):
+        return "number" in kinds or ("integer" in kinds and value.is_integer())
+    if isinstance(value, str):
+        return "string" in kinds
+    if isinstance(value, list):
+        return "array" in kinds
+    return "object" in kinds
+
+
+def json_schema_to_gbnf(schema: Mapping[str, Any] | bool, *, strict: bool = True) -> str:
+    """Convert a JSON schema into a GBNF grammar; every sentence is a valid instance.
+
+    The grammar produces compact-or-lightly-spaced JSON: between tokens it
+    allows nothing, one space, or a newline plus up to 20 spaces/tabs.
+
+    Supported: ``type`` (a name or a list), ``enum``, ``const``, ``anyOf``,
+    ``oneOf`` (as a union: exclusivity is not enforced), ``allOf`` (merged
+    when the parts do not conflict), local ``$ref`` (``#``, ``#/$defs/...``,
+    ``#/definitions/...``, any JSON pointer; recursion works), ``nullable``
+    (OpenAPI), objects (``properties``, ``required``,
+    ``additionalProperties``), arrays (``items``, ``prefixItems`` / tuple
+    ``items``, ``additionalItems``, ``minItems``, ``maxItems``), strings
+    (``minLength``, ``maxLength``, ``format`` date / time / date-time /
+    uuid), numbers and integers (``minimum``, ``maximum``,
+    ``exclusiveMinimum``, ``exclusiveMaximum``, exact for any decimal bound).
+
+    Choices that narrow the output (it stays valid, but not every valid
+    instance can be produced):
+
+    - Properties come in declared order; optional ones may be left out.
+    - An object with ``properties`` and no ``additionalProperties`` is
+      generated closed (no extra keys). ``additionalProperties: true`` or a
+      schema allows extra keys, whose names are not checked against the
+      declared ones.
+    - ``prefixItems`` entries are always all present.
+    - Numbers have at most 19 integral and 16 fraction digits and a 4-digit
+      exponent; a bounded number is written without exponent; integers are
+      written without fraction or exponent.
+    - ``enum`` / ``const`` values are written as compact JSON
+      (``ensure_ascii=False``).
+
+    Not enforced: ``maxLength`` / ``maxItems`` above 1000 (the upper bound
+    is dropped), the calendar (a "date" may read 2023-02-31), string
+    ``format`` values other than those above (formats are annotations in
+    JSON Schema).
+
+    Ignored as annotations: title, description, default, examples,
+    ``$schema``, ``$id``, ``$comment``, deprecated, readOnly, writeOnly,
+    content* keywords, and unknown keywords.
+
+    Refused with :class:`GrammarError` (they change which values are valid
+    and a grammar cannot express them here): pattern, patternProperties,
+    propertyNames, min/maxProperties, dependentRequired / dependentSchemas /
+    dependencies, uniqueItems, contains / min/maxContains, multipleOf, not,
+    if / then / else, unevaluated*, dynamic refs, remote ``$ref``. With
+    ``strict=False`` those keywords are skipped instead, and the grammar is
+    looser than the schema: validate the result afterwards.
+    """
+    if not isinstance(schema, (Mapping, bool)):
+        raise GrammarError(f"schema must be a JSON object (dict) or a bool, got {type(schema).__name__}")
+    rules = _RuleSet()
+    converter = _SchemaConverter(rules, schema, strict=strict, prefix="")
+    name = rules.reserve("root")
+    rules.define(name, converter.visit(schema, "root"))
+    return validate_grammar(rules.render())
+
+
+def json_value_grammar() -> str:
+    """A grammar for any single JSON value (object, array, string, number, ...)."""
+    rules = _RuleSet()
+    rules.add("root", rules.primitive("json-value"))
+    return rules.render()
+
+
+def _json_object_grammar() -> str:
+    rules = _RuleSet()
+    rules.add("root", rules.primitive("json-object"))
+    return rules.render()
+
+
+#: Grammar for ``response_format={"type": "json_object"}``: any JSON object.
+JSON_OBJECT_GBNF: Final[str] = _json_object_grammar()
+
+
+def response_format_to_grammar(response_format: Mapping[str, Any] | None) -> str | None:
+    """Map an OpenAI ``response_format`` to a grammar (None: unconstrained text).
+
+    - ``None`` or ``{"type": "text"}`` -> ``None``
+    - ``{"type": "json_object"}`` -> :data:`JSON_OBJECT_GBNF`; an optional
+      ``"schema"`` key (llama.cpp server extension) is converted instead.
+    - ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
+      "strict": ...}}`` -> :func:`json_schema_to_gbnf`; ``"strict": false``
+      converts leniently (unsupported keywords skipped, see there).
+
+    A malformed mapping raises :class:`InvalidInputError`; a schema the
+    converter cannot express raises :class:`GrammarError` (a subclass).
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise InvalidInputError(
+            f"response_format must be an object, got {type(response_format).__name__}"
+        )
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        if schema is None:
+            return JSON_OBJECT_GBNF
+        if not isinstance(schema, (Mapping, bool)):
+            raise InvalidInputError("response_format.schema must be a JSON schema object")
+        return json_schema_to_gbnf(schema)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise InvalidInputError(
+                "response_format.json_schema must be an object with a 'schema' key"
+            )
+        name = spec.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise InvalidInputError("response_format.json_schema.name must be a non-empty string")
+        schema = spec.get("schema")
+        if schema is None:
+            raise InvalidInputError("response_format.json_schema.schema is missing")
+        if not isinstance(schema, (Mapping, bool)):
+            raise InvalidInputError("response_format.json_schema.schema must be a JSON schema object")
+        strict_flag = spec.get("strict")
+        if strict_flag is not None and not isinstance(strict_flag, bool):
+            raise InvalidInputError("response_format.json_schema.strict must be a bool")
+        return json_schema_to_gbnf(schema, strict=strict_flag is not False)
+    raise InvalidInputError(
+        f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}"
+    )
+
+
+def _make_tool_converter(rules: _RuleSet, document: object, prefix: str, strict: bool) -> _SchemaConverter:
+    """Converter sharing ``rules`` with others (used by the tool-call grammar)."""
+    return _SchemaConverter(rules, document, strict=strict, prefix=prefix)
