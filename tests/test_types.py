@@ -107,10 +107,33 @@ def test_from_dict_openai_shapes(data: dict[str, Any], expected: ChatMessage) ->
     assert ChatMessage.from_dict(data) == expected
 
 
-def test_from_dict_rejects_non_text_parts() -> None:
-    data = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
-    with pytest.raises(UnsupportedInputError, match="image_url"):
-        ChatMessage.from_dict(data)
+def test_from_dict_reads_media_parts() -> None:
+    import base64
+
+    from xybrid.media import Audio, Image
+
+    data = {"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                             + base64.b64encode(b"PNGDATA").decode()}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF").decode(),
+                                                "format": "wav"}},
+    ]}
+    message = ChatMessage.from_dict(data)
+    assert message.content == "what is this?"
+    assert [type(m) for m in message.media] == [Image, Audio]
+    assert message.media[0].source == b"PNGDATA"
+    assert message.media[1].source == b"RIFF"
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "video_url", "video_url": {"url": "clip.mp4"}},
+    {"type": "file", "file": {}},
+    {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}},
+])
+def test_from_dict_rejects_unsupported_parts(part: dict[str, object]) -> None:
+    with pytest.raises(UnsupportedInputError):
+        ChatMessage.from_dict({"role": "user", "content": [part]})
 
 
 @pytest.mark.parametrize(
