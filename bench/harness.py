@@ -171,17 +171,20 @@ def run_job(c: Contestant, case: Case, prep: dict[str, Any], args: argparse.Name
         spec_file.write_text(json.dumps(spec))
         cmd = [str(c.python), str(c.worker), str(spec_file)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=WORKERS)
+        proc = subprocess.run(cmd, capture_output=True, timeout=args.timeout, cwd=WORKERS)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s", "wall_s": time.monotonic() - t0}
     wall = time.monotonic() - t0
+    # Generated text may end inside a UTF-8 character: decode leniently.
+    stdout = proc.stdout.decode("utf-8", "replace")
+    stderr = proc.stderr.decode("utf-8", "replace")
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        tail = (stderr or stdout).strip().splitlines()[-12:]
         return {"error": f"exit code {proc.returncode}: " + "\n".join(tail), "wall_s": wall}
     try:
-        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        data = json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return {"error": "no JSON result on stdout: " + proc.stdout[-500:], "wall_s": wall}
+        return {"error": "no JSON result on stdout: " + stdout[-500:], "wall_s": wall}
     if c.key == "native":
         data = normalise_native(data)
     data["wall_s"] = wall

@@ -15,7 +15,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, TypeVar, Union
 
 from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig, PartialToken
 
@@ -26,6 +26,8 @@ MessageLike = Union[ChatMessage, Mapping[str, Any]]
 
 StreamingCallback = Callable[[PartialToken], object]
 """Receives each piece; returning ``False`` stops the generation."""
+
+_B = TypeVar("_B", bound="LlmBackend")
 
 
 class LlmBackend(ABC):
@@ -61,7 +63,7 @@ class LlmBackend(ABC):
     def unload(self) -> None:
         """Free the model and its context. Safe to call when nothing is loaded."""
 
-    def __enter__(self) -> LlmBackend:
+    def __enter__(self: _B) -> _B:
         return self
 
     def __exit__(

@@ -352,17 +352,40 @@ def _seq(*parts: str) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _is_atom(expr: str) -> bool:
+    """True when ``expr`` is one GBNF item (name, literal, class or group)."""
+    depth, i, n = 0, 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and expr[i] != close:
+                i += 2 if expr[i] == "\\" else 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0 and c in " |":
+            return False
+        i += 1
+    return True
+
+
 def _group(alternatives: list[str]) -> str:
     """An alternation as one atom; an empty alternative makes it optional."""
     optional = "" in alternatives
     alts = list(dict.fromkeys(a for a in alternatives if a))
     if not alts:
         return ""
-    body = alts[0] if len(alts) == 1 else " | ".join(alts)
-    if len(alts) == 1 and " " not in body and "|" not in body:
-        atom = body
+    if len(alts) == 1 and _is_atom(alts[0]):
+        atom = alts[0]
+        if optional and atom[-1] in "?*":
+            return atom
+        if optional and atom[-1] in "+}":
+            atom = f"( {atom} )"
     else:
-        atom = f"( {body} )"
+        atom = f"( {' | '.join(alts)} )"
     return atom + "?" if optional else atom
 
 
@@ -505,9 +528,9 @@ def _bounded_digits(lo: str, hi: str, tail: _Tail) -> str | None:
     def walk(i: int, tl: bool, th: bool) -> str | None:
         # A bound whose remaining digits are all 0 (low) / 9 (high) constrains
         # nothing more than the free case when its tail is the same.
-        if tl and lo[i:] == "0" * (n - i) and end(True, th) == end(False, th):
+        if tl and lo[i:] == "0" * (n - i) and all(end(True, x) == end(False, x) for x in (False, True)):
             tl = False
-        if th and hi[i:] == "9" * (n - i) and end(tl, True) == end(tl, False):
+        if th and hi[i:] == "9" * (n - i) and all(end(x, True) == end(x, False) for x in (False, True)):
             th = False
         if i == n:
             return end(tl, th)
@@ -554,6 +577,18 @@ def _fraction(
 
     def digits(lo_rest: str | None, hi_rest: str | None, used: int, need: bool) -> str | None:
         room = max_digits - used
+        if lo_rest == "" and not lo_strict:
+            lo_rest = None  # equal to the low bound so far: any further digits keep it so
+        if lo_rest is None and hi_rest == "":
+            # Equal to the high bound so far: only zeros may follow. The digit
+            # caps are ours, not the schema's, so shortcuts may exceed them.
+            if hi_strict:
+                return None
+            return _repeat('"0"', 1 if need else 0, max(room, 1))
+        if lo_rest == "" and hi_rest is None:
+            # Equal to a strict low bound so far: some non-zero digit must come.
+            free = _repeat("[0-9]", 0, max(room - 1, 1))
+            return _seq(_repeat('"0"', 0, max(room - 1, 1)), "[1-9]", free)
         if lo_rest is None and hi_rest is None:
             if room == 0:
                 return None if need else ""
@@ -566,17 +601,17 @@ def _fraction(
             hi_d = (int(hi_rest[0]) if hi_rest else 0) if hi_rest is not None else 9
             lo_next = lo_rest[1:] if lo_rest else ""
             hi_next = hi_rest[1:] if hi_rest else ""
+            tl, th = lo_rest is not None, hi_rest is not None
             branches: list[tuple[str, str | None, str | None]] = []
-            if lo_rest is not None and hi_rest is not None and lo_d == hi_d:
+            if tl and th and lo_d == hi_d:
                 branches.append((f'"{lo_d}"', lo_next, hi_next))
-            else:
-                if lo_rest is not None and lo_d <= hi_d:
+            elif lo_d <= hi_d:
+                if tl:
                     branches.append((f'"{lo_d}"', lo_next, None))
-                a = lo_d + (1 if lo_rest is not None else 0)
-                b = hi_d - (1 if hi_rest is not None else 0)
+                a, b = lo_d + (1 if tl else 0), hi_d - (1 if th else 0)
                 if a <= b:
                     branches.append((_digit(a, b), None, None))
-                if hi_rest is not None and lo_d < hi_d:
+                if th:
                     branches.append((f'"{hi_d}"', None, hi_next))
             for head, lo_n, hi_n in branches:
                 sub = digits(lo_n, hi_n, used + 1, False)
@@ -960,10 +995,11 @@ class _SchemaConverter:
             raise GrammarError(f"'required' at {hint!r} must be a list of property names")
         missing = [r for r in required if r not in properties]
         additional = schema.get("additionalProperties")
-        if missing and (additional is False or (additional is None and properties)):
-            # A required name with no declared schema is still allowed by an
-            # open object; for a closed one declare it as "any value".
-            properties = {**properties, **{r: True for r in missing}}
+        if missing:
+            # A required name without a declared schema must still be written:
+            # declare it, with the additional-properties schema or any value.
+            fill = True if additional in (None, False) else additional
+            properties = {**properties, **{r: fill for r in missing}}
         ws = self.rules.primitive("ws")
 
         extra: str | None = None
@@ -1017,7 +1053,7 @@ class _SchemaConverter:
             if extra:
                 firsts.append(_seq(extra, rest(n)))
         any_required = any(needed for _, needed in members)
-        body = f'"{{" {ws} ' + _group(firsts).rstrip("?") + f' {ws} "}}"' if firsts else ""
+        body = _seq('"{"', ws, _group(firsts), ws, '"}"') if firsts else ""
         alts = [] if any_required else [f'"{{" {ws} "}}"']
         if body:
             alts.append(body)
@@ -1257,7 +1293,3 @@ def response_format_to_grammar(response_format: Mapping[str, Any] | None) -> str
         f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}"
     )
 
-
-def _make_tool_converter(rules: _RuleSet, document: object, prefix: str, strict: bool) -> _SchemaConverter:
-    """Converter sharing ``rules`` with others (used by the tool-call grammar)."""
-    return _SchemaConverter(rules, document, strict=strict, prefix=prefix)

@@ -141,7 +141,8 @@ class ChatMessage:
         """
         from xybrid.media import Audio, Image
 
-        media = tuple(i if isinstance(i, Image) else Image(i) for i in images)
+        media: tuple[Image | Audio, ...] = tuple(
+            i if isinstance(i, Image) else Image(i) for i in images)
         media += tuple(a if isinstance(a, Audio) else Audio(a) for a in audio)
         return cls("user", text, media=media)
 

@@ -1,0 +1,6 @@
+# Types of the module meson generates from _build_info.py.in.
+VERSION: str
+LLAMA_CPP_COMMIT: str
+NATIVE: bool
+CUDA: bool
+BUILD_TYPE: str
