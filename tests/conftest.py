@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The tests import the installed package, whose tiny-model generators would
+# look for llama.cpp/ beside site-packages; point them at this checkout.
+os.environ.setdefault("XYBRID_LLAMA_CPP_DIR", str(REPO_ROOT / "llama.cpp"))
 
 if importlib.util.find_spec("xybrid._native._engine") is None:  # pragma: no cover
     pytest.exit(
@@ -78,3 +83,44 @@ def gemma_greedy(gemma_model):  # type: ignore[no-untyped-def]
     from xybrid._native._engine import Sampler
 
     return Sampler(gemma_model, temperature=0.0)
+
+
+# --- fixtures of the backend / adapter / chat CLI tests -------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_recurrent_path(tmp_path_factory: pytest.TempPathFactory, llama_cpp_dir: Path) -> Path:
+    """A tiny random-weight Mamba model: llama.cpp treats it as recurrent."""
+    from xybrid.testing.tiny_models import write_tiny_recurrent
+
+    return write_tiny_recurrent(tmp_path_factory.mktemp("tiny-rec") / "tiny-mamba.gguf",
+                                llama_cpp_dir=llama_cpp_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid_path(tmp_path_factory: pytest.TempPathFactory, llama_cpp_dir: Path) -> Path:
+    """A tiny random-weight LFM2 model: llama.cpp treats it as hybrid."""
+    from xybrid.testing.tiny_models import write_tiny_hybrid
+
+    return write_tiny_hybrid(tmp_path_factory.mktemp("tiny-hyb") / "tiny-lfm2.gguf",
+                             llama_cpp_dir=llama_cpp_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_backend_session(gemma_path: Path):  # type: ignore[no-untyped-def]
+    """One LlamaCppBackend over Gemma 3 270M shared by the backend tests
+    (1024-token context, one compute thread: see ``gemma_gen_ctx``)."""
+    from xybrid.llama_cpp_backend import LlamaCppBackend
+    from xybrid.types import LlmConfig
+
+    backend = LlamaCppBackend(LlmConfig(gemma_path, context_length=1024, n_threads=1))
+    yield backend
+    backend.unload()
+
+
+@pytest.fixture
+def gemma_backend(gemma_backend_session):  # type: ignore[no-untyped-def]
+    """The shared Gemma backend with an empty KV cache (a test never sees
+    the previous test's conversation)."""
+    gemma_backend_session.reset_cache()
+    return gemma_backend_session

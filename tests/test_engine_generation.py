@@ -249,7 +249,7 @@ def _gil_ratio(ctx, work, attempts: int = 3) -> float:
         ctx.memory_clear()
         ratio = during / max(solo_before, solo_after)
         best = max(best, ratio)
-        if best >= 0.5:
+        if best >= 0.4:
             break
     return best
 

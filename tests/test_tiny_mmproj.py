@@ -18,7 +18,7 @@ import pytest
 
 from xybrid.testing import tiny_models
 
-gguf = pytest.importorskip("gguf")
+import gguf  # the [test] extra installs it
 
 GT = gguf.GGUFValueType
 
@@ -218,10 +218,6 @@ def test_deterministic(out_dir, writer):
 
 
 def test_write_tiny_vlm(tmp_path):
-    try:
-        tiny_models.vocab_path("llama-spm")
-    except FileNotFoundError:  # pragma: no cover - llama.cpp not checked out
-        pytest.skip("llama.cpp source tree (with models/ggml-vocab-*.gguf) not available")
     model, mmproj = tiny_models.write_tiny_vlm(tmp_path / "vlm")
     assert model.name == "model.gguf" and mmproj.name == "mmproj-vision.gguf"
     assert model.parent == mmproj.parent == tmp_path / "vlm"

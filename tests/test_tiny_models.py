@@ -16,12 +16,9 @@ import pytest
 
 from xybrid.testing import tiny_models
 
-gguf = pytest.importorskip("gguf")
+import gguf  # the [test] extra installs it
 
-try:
-    SPM = tiny_models.vocab_path("llama-spm")
-except FileNotFoundError:  # pragma: no cover - llama.cpp not checked out
-    pytest.skip("llama.cpp source tree (with models/ggml-vocab-*.gguf) not available", allow_module_level=True)
+SPM = tiny_models.vocab_path("llama-spm")  # conftest points at the fetched llama.cpp
 
 N_VOCAB_SPM = 32000
 

@@ -89,13 +89,19 @@ def monotonic_ns():
     return xy_now_ns()
 
 
+# The sizes checked here end up in 32-bit fields of llama.cpp's parameter
+# structs; a larger value would surface as a bare OverflowError from the
+# conversion instead of a typed error that names the parameter.
+cdef int64_t MAX_SIZE_PARAM = 0x7FFFFFFF
+
+
 cdef int check_positive(str name, object value) except -1:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value > MAX_SIZE_PARAM:
+        raise InvalidInputError(f"{name} must be a positive integer below 2**31, got {value!r}")
     return 0
 
 
 cdef int check_non_negative(str name, object value) except -1:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > MAX_SIZE_PARAM:
+        raise InvalidInputError(f"{name} must be a non-negative integer below 2**31, got {value!r}")
     return 0

@@ -332,6 +332,11 @@ cdef class Generation:
             raise InvalidInputError("the prompt is empty: nothing to decode")
         if n > 0 and logits_ready:
             raise InvalidInputError("logits_ready=True takes no prompt tokens")
+        if logits_ready and llama_get_logits_ith(context.ptr, -1) == NULL:
+            # The loop's first llama_sampler_sample would GGML_ASSERT (abort
+            # the process) on missing logits; refuse here instead.
+            take_log_tail()
+            raise XybridError("logits_ready=True but the last decode left no logits to sample from")
         if max_tokens <= 0:
             raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens}")
         if n_past < 0:
