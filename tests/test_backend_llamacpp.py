@@ -63,6 +63,17 @@ def tiny(tiny_llama_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
+def tiny_long(tiny_llama_path: Path):  # type: ignore[no-untyped-def]
+    """Room for thousands of tokens: a generation that is cancelled at its
+    first piece is still running then, however the threads are scheduled."""
+    with LlamaCppBackend(tiny_config(tiny_llama_path, context_length=4096)) as backend:
+        yield backend
+
+
+LONG = 4000
+
+
+@pytest.fixture
 def tiny_ref(tiny_llama_path: Path):  # type: ignore[no-untyped-def]
     """A second backend over the same model: the fresh-cache reference."""
     with LlamaCppBackend(tiny_config(tiny_llama_path)) as backend:
@@ -387,22 +398,25 @@ def test_consumer_raising_inside_a_for_loop_releases_the_backend(
     _check_recovered(tiny, tiny_ref)
 
 
-def test_callback_returning_false_cancels(tiny: LlamaCppBackend,
+def test_callback_returning_false_cancels(tiny_long: LlamaCppBackend,
                                           tiny_ref: LlamaCppBackend) -> None:
-    _primed(tiny)
+    b = tiny_long
+    _primed(b)
     seen = []
 
     def on_token(piece):  # type: ignore[no-untyped-def]
         seen.append(piece)
         return False
 
-    out = tiny.generate_streaming(TURN2, GREEDY(max_tokens=64), on_token)
+    out = b.generate_streaming(TURN2, GREEDY(max_tokens=LONG), on_token)
     assert out.finish_reason == "cancelled"
     assert out.stop_reason == "cancelled"
-    assert out.tokens_generated < 64
+    assert 0 < out.tokens_generated < LONG
     assert seen[0].finish_reason is None
-    assert seen[-1].finish_reason == "cancelled"
-    _check_recovered(tiny, tiny_ref)
+    # The terminal piece still arrives, carrying the reason.
+    assert seen[-1].finish_reason == "cancelled" and seen[-1].text == ""
+    assert sum(p.finish_reason is not None for p in seen) == 1
+    _check_recovered(b, tiny_ref)
 
 
 @pytest.mark.parametrize("how", ["close", "break"])
@@ -557,7 +571,8 @@ def test_telemetry_fields(gemma_backend: LlamaCppBackend) -> None:
     assert out.decode_tps is not None and out.decode_tps > 0
     assert out.prefill_tps is not None and out.prefill_tps > 0
     assert out.mean_itl_ms is not None and out.mean_itl_ms > 0
-    assert out.p95_itl_ms is not None and out.p95_itl_ms >= out.mean_itl_ms * 0.5
+    # Nearest-rank p95 of fewer than 20 gaps is the largest gap.
+    assert out.p95_itl_ms is not None and out.p95_itl_ms >= out.mean_itl_ms
     assert out.generation_time_ms >= out.ttft_ms
     assert out.tokens_per_second > 0
     assert out.tokens_per_second == pytest.approx(
@@ -592,7 +607,8 @@ def test_telemetry_fields(gemma_backend: LlamaCppBackend) -> None:
 def test_streaming_telemetry_counts_chunks(gemma_backend: LlamaCppBackend) -> None:
     pieces = []
     out = gemma_backend.generate_streaming(POEM, GREEDY(max_tokens=8), pieces.append)
-    assert out.emitted_chunks >= len([p for p in pieces if p.finish_reason is None]) >= 1
+    assert out.emitted_chunks >= 1
+    assert len([p for p in pieces if p.finish_reason is None]) >= 1
     assert out.tokens_generated == 8
     if out.emitted_chunks > 1:
         assert out.inter_chunk_ms is not None and out.inter_chunk_ms >= 0

@@ -194,6 +194,8 @@ class _GbnfChecker:
             raise self.error(pos, "unbalanced ')' with no matching '('")
         elif c == "]":
             raise self.error(pos, "unbalanced ']' with no matching '['")
+        elif c == "_":
+            raise self.error(pos, "rule names may use only letters, digits and '-', not '_'")
         elif c:
             raise self.error(pos, f"unexpected {c!r} in the body of rule {name!r}")
         return self.space(pos, True)

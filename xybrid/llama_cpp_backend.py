@@ -243,7 +243,10 @@ class LlamaCppBackend(LlmBackend):
         return self._require().model
 
     def context_length(self) -> int | None:
-        return self._loaded.config.context_length if self._loaded else None
+        # The window llama.cpp actually made (it rounds the requested size up,
+        # e.g. 100 -> 256), which is also the one the overflow checks use.
+        loaded = self._loaded
+        return int(loaded.context.n_ctx) if loaded else None
 
     @property
     def model_label(self) -> str:
