@@ -410,6 +410,13 @@ _PRIMITIVES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "ws": ('( " " | "\\n" [ \\t]{0,20} )?', ()),
     "json-char": ('[^"\\\\\\x00-\\x1F] | "\\\\" ( ["\\\\/bfnrt] | "u" [0-9a-fA-F]{4} )', ()),
     "json-string": ('"\\"" json-char* "\\""', ("json-char",)),
+    # One code point: like json-char, but a \\u escape may not name a UTF-16
+    # surrogate (a pair would be two grammar items for one character).
+    "json-cp": (
+        '[^"\\\\\\x00-\\x1F] | "\\\\" ( ["\\\\/bfnrt] | "u" '
+        '( [0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} ) )',
+        (),
+    ),
     "json-int": (f'"-"? ( "0" | [1-9] [0-9]{{0,{_INT_DIGITS - 1}}} )', ()),
     "json-number": (
         f'json-int ( "." [0-9]{{1,{_FRAC_DIGITS}}} )? ( [eE] [-+]? [0-9]{{1,{_EXP_DIGITS}}} )?',
@@ -915,10 +922,17 @@ class _SchemaConverter:
         return name
 
     def merge_all_of(self, schema: Mapping[str, Any], hint: str) -> dict[str, Any]:
+        """One schema equivalent to an ``allOf`` (with its siblings), or GrammarError.
+
+        ``additionalProperties: false`` keeps JSON Schema's meaning: it sees
+        only the properties declared beside it, so the merged object may use
+        only names every such closed part declares.
+        """
         parts = schema.get("allOf")
         if not isinstance(parts, list) or not parts:
             raise GrammarError(f"'allOf' at {hint!r} must be a non-empty list of schemas")
-        merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+        outer = {k: v for k, v in schema.items() if k != "allOf"}
+        resolved: list[Mapping[str, Any]] = [outer]
         for part in parts:
             seen: set[str] = set()
             while isinstance(part, Mapping) and "$ref" in part:
@@ -928,20 +942,43 @@ class _SchemaConverter:
                 seen.add(ref)
                 rest = {k: v for k, v in part.items() if k != "$ref"}
                 target = self.resolve(ref)
+                if target is True:
+                    target = {}
                 if not isinstance(target, Mapping):
                     raise GrammarError(f"'allOf' at {hint!r} cannot merge {ref!r}")
-                part = {**target, **rest} if not rest else self.merge_all_of(
-                    {"allOf": [target, rest]}, hint
-                )
+                part = self.merge_all_of({"allOf": [target, rest]}, hint) if rest else target
             if part is True:
                 continue
             if not isinstance(part, Mapping):
                 raise GrammarError(f"'allOf' at {hint!r} contains a non-object schema {part!r}")
             if "allOf" in part:
                 part = self.merge_all_of(part, hint)
+            resolved.append(part)
+
+        closed: list[set[str]] = []
+        open_schemas = 0
+        object_parts = 0
+        for part in resolved:
+            extra = part.get("additionalProperties")
+            if "properties" in part or extra not in (None, True):
+                object_parts += 1
+            if extra is False:
+                closed.append(set(part.get("properties") or {}))
+            elif extra is not None and extra is not True:
+                open_schemas += 1
+        if open_schemas and object_parts > 1:
+            raise GrammarError(
+                f"'allOf' at {hint!r} combines an 'additionalProperties' schema with other "
+                "object parts, which is not supported"
+            )
+
+        merged: dict[str, Any] = {}
+        for part in resolved:
             for key, value in part.items():
                 if key in _ANNOTATIONS:
                     merged.setdefault(key, value)
+                elif key == "additionalProperties" and value in (True, False):
+                    continue
                 elif key not in merged:
                     merged[key] = value
                 elif key == "properties" and isinstance(value, Mapping):
@@ -959,6 +996,17 @@ class _SchemaConverter:
                         f"'allOf' at {hint!r} combines different values of {key!r}, which is "
                         "not supported"
                     )
+        if closed:
+            allowed = set.intersection(*closed)
+            for name in merged.get("required", []):
+                if name not in allowed:
+                    raise GrammarError(
+                        f"'allOf' at {hint!r} requires {name!r}, which an "
+                        "'additionalProperties: false' part forbids: no value matches"
+                    )
+            props = merged.get("properties") or {}
+            merged["properties"] = {k: v for k, v in props.items() if k in allowed}
+            merged["additionalProperties"] = False
         return merged
 
     def visit_union(self, schema: Mapping[str, Any], keyword: str, hint: str) -> str:
@@ -1029,31 +1077,27 @@ class _SchemaConverter:
         """Members in declared order; optional ones may be skipped, commas stay right."""
         ws = self.rules.primitive("ws")
         n = len(members)
-        rest_names: dict[int, str] = {}
-
-        def rest(i: int) -> str:
-            # Members from i on, after at least one member was written.
-            if i == n:
-                return _repeat(f'( "," {ws} {extra} )', 0, None) if extra else ""
-            if i not in rest_names:
-                member, needed = members[i]
-                item = _seq('","', ws, member)
-                item = item if needed else f"( {item} )?"
-                tail = rest(i + 1)
-                if not needed and not tail:
-                    rest_names[i] = item
-                else:
-                    rest_names[i] = self.rules.add(f"{hint}-rest-{i}", _seq(item, tail))
-            return rest_names[i]
+        # rest[i]: the members from i on, once at least one was written (so
+        # each starts with a comma). Built back to front as a chain of rules.
+        rest = [""] * (n + 1)
+        rest[n] = _repeat(f'( "," {ws} {extra} )', 0, None) if extra else ""
+        for i in range(n - 1, 0, -1):
+            member, needed = members[i]
+            item = _seq('","', ws, member)
+            item = item if needed else f"( {item} )?"
+            if not needed and not rest[i + 1]:
+                rest[i] = item
+            else:
+                rest[i] = self.rules.add(f"{hint}-rest-{i}", _seq(item, rest[i + 1]))
 
         firsts: list[str] = []
         for i, (member, needed) in enumerate(members):
-            firsts.append(_seq(member, rest(i + 1)))
+            firsts.append(_seq(member, rest[i + 1]))
             if needed:
                 break
         else:
             if extra:
-                firsts.append(_seq(extra, rest(n)))
+                firsts.append(_seq(extra, rest[n]))
         any_required = any(needed for _, needed in members)
         body = _seq('"{"', ws, _group(firsts), ws, '"}"') if firsts else ""
         alts = [] if any_required else [f'"{{" {ws} "}}"']
@@ -1124,7 +1168,7 @@ class _SchemaConverter:
             raise GrammarError(f"minLength {lo} at {hint!r} is too large for a grammar")
         if hi is not None and hi > _MAX_BOUNDED_REPEAT:
             hi = None  # not enforced; documented
-        char = self.rules.primitive("json-char")
+        char = self.rules.primitive("json-cp")
         return _seq('"\\""', _repeat(char, lo, hi), '"\\""')
 
     def visit_number(self, schema: Mapping[str, Any], integer: bool) -> str:

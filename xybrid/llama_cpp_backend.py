@@ -289,6 +289,12 @@ class LlamaCppBackend(LlmBackend):
     def last_cached_prefix_len(self) -> int | None:
         return self._cache.last_prefix_hit
 
+    def cancel(self) -> bool:
+        """Stop the running generation (from any thread). It returns with
+        finish_reason "cancelled"; the KV cache is cleared. False when idle."""
+        loaded = self._loaded
+        return bool(loaded is not None and loaded.context.cancel())
+
     def reset_cache(self) -> None:
         """Forget the conversation held in the KV cache."""
         with self._lock:

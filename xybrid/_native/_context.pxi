@@ -20,6 +20,7 @@ cdef class Context:
     cdef bint busy
     cdef readonly int n_batch_alloc
     cdef readonly bint embeddings
+    cdef Generation current  # the running generation, for cancel()
 
     def __cinit__(self):
         self.ptr = NULL
@@ -198,6 +199,15 @@ cdef class Context:
         return llama_memory_seq_pos_max(llama_get_memory(self.ptr), seq_id)
 
     # --- generation -------------------------------------------------------------------
+    def cancel(self):
+        """Stop the generation running on this context, if any. Safe from any
+        thread; the generation ends with stop reason "cancelled"."""
+        gen = self.current
+        if gen is not None:
+            gen.cancel()
+            return True
+        return False
+
     def generate(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                  int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
                  bint logits_ready=False):

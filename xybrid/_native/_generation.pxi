@@ -399,6 +399,7 @@ cdef class Generation:
             raise MemoryError("pthread_cond_init failed")
         self.sync_ready = True
         context.busy = True
+        context.current = self
         llama_set_abort_callback(context.ptr, gen_should_abort, g)
         llama_perf_context_reset(context.ptr)
         # A sampler carries state between tokens (penalty window, grammar
@@ -430,6 +431,7 @@ cdef class Generation:
             if self.context.ptr != NULL:
                 llama_set_abort_callback(self.context.ptr, NULL, NULL)
             self.context.busy = False
+            self.context.current = None
         if self.sync_ready:
             pthread_cond_destroy(&self.g.cond_space)
             pthread_cond_destroy(&self.g.cond_data)
