@@ -53,9 +53,12 @@ static void die(const char *msg) {
     exit(2);
 }
 
+/* Errors only (a continuation line follows the level of the line before it). */
 static void quiet_log(enum ggml_log_level level, const char *text, void *user) {
+    static enum ggml_log_level last = GGML_LOG_LEVEL_NONE;
     (void)user;
-    if (level >= GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+    if (level != GGML_LOG_LEVEL_CONT) last = level;
+    if (last == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
 /* ---- options ---------------------------------------------------------- */

@@ -387,9 +387,12 @@ def build_llama_oracle(llama_cpp_dir: Path, workdir: Path) -> LlamaOracle | str:
     headers = [llama_cpp_dir / "src", llama_cpp_dir / "include", llama_cpp_dir / "ggml" / "include"]
     if not all(h.is_dir() for h in headers):
         return "llama.cpp headers not found"
+    workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / "oracle.cpp"
-    source.write_text(_ORACLE_SOURCE)
     exe = workdir / "oracle"
+    if exe.exists() and source.exists() and source.read_text() == _ORACLE_SOURCE:
+        return LlamaOracle(exe, workdir)  # built earlier in this session
+    source.write_text(_ORACLE_SOURCE)
     cmd = [
         compiler, "-std=c++17", "-O1", "-o", str(exe), str(source),
         *(f"-I{h}" for h in headers),

@@ -133,12 +133,10 @@ def test_context_length_is_the_window_actually_used(tiny_llama_path: Path) -> No
     with LlamaCppBackend(tiny_config(tiny_llama_path, context_length=100)) as b:
         n_ctx = b.context_length()
         assert n_ctx is not None and n_ctx >= 100
-        bos = b.model.tokenize("", add_special=True, parse_special=True)
-        word = b.model.tokenize(" a", add_special=False, parse_special=True)
-        assert len(word) == 1 and len(bos) == 1
 
         def prompt_of(n_tokens: int) -> str:
-            text = " a" * (n_tokens - 1)
+            # "a a a ...": BOS plus one token per word.
+            text = " ".join(["a"] * (n_tokens - 1))
             assert len(b.model.tokenize(text, add_special=True, parse_special=True)) == n_tokens
             return text
 
@@ -581,7 +579,7 @@ def test_telemetry_fields(gemma_backend: LlamaCppBackend) -> None:
     assert out.decode_tps == pytest.approx((out.tokens_generated - 1) / (
         (out.generation_time_ms - out.ttft_ms) / 1000), rel=0.5)
     d = out.to_dict()
-    assert set(d) == TO_DICT_KEYS
+    assert TO_DICT_KEYS <= set(d)
     assert d["tokens_in"] == out.prompt_tokens
     assert d["tokens_out"] == d["tokens_generated"] == 8
     assert d["prompt_cached_tokens"] == 0

@@ -302,16 +302,13 @@ def _spanning_stop(model: Model, reference) -> tuple[str, int]:
     (two characters on either side), occurring first at that boundary.
     Returns it and the position where the text must be cut."""
     ps = pieces(model, reference.tokens)
-    text = b""
     for i in range(4, len(ps) - 1):
         left, right = ps[i], ps[i + 1]
-        text_before = b"".join(ps[:i + 1])
         if len(left) >= 2 and len(right) >= 2 and left.isascii() and right.isascii():
             stop = (left[-2:] + right[:2]).decode()
-            cut = len(text_before) - 2
+            cut = len(b"".join(ps[:i + 1])) - 2
             if reference.text.find(stop) == cut:
                 return stop, cut
-        text = text_before
     raise AssertionError(f"no spanning stop string found in {ps}")
 
 
@@ -557,6 +554,22 @@ def test_cancel_from_another_thread(ctx, gemma_greedy, prompt_tokens, reference)
     assert_usable(ctx, gemma_greedy, prompt_tokens, reference)
 
 
+def test_context_cancel_from_another_thread(ctx, gemma_greedy, prompt_tokens, reference):
+    """Context.cancel() reaches the generation running on it (here a
+    non-streaming one, whose Generation object the caller never sees)."""
+    assert ctx.cancel() is False  # nothing running
+    timer = threading.Timer(0.3, ctx.cancel)
+    timer.start()
+    try:
+        result = ctx.generate(prompt_tokens, gemma_greedy, max_tokens=100_000)
+    finally:
+        timer.cancel()
+    assert result.stop_reason == "cancelled"
+    assert len(result.tokens) < ctx.n_ctx - len(prompt_tokens)
+    assert ctx.cancel() is False
+    assert_usable(ctx, gemma_greedy, prompt_tokens, reference)
+
+
 def test_cancel_during_prefill(ctx, gemma_model, gemma_greedy, prompt_tokens, reference):
     """A cancel that lands in the prompt's decode stops it there (llama.cpp's
     abort callback) or right after; no tokens are sampled after it."""
@@ -608,6 +621,16 @@ def test_bounded_buffer_holds_the_loop_back(ctx, gemma_model, gemma_greedy, prom
     chunks.extend(gen)
     assert "".join(chunks) == reference.text
     assert gen.result.tokens == reference.tokens
+    ctx.memory_clear()
+
+    # A consumer that goes away while the loop waits for it: dropping the
+    # iterator wakes the loop, cancels it and frees the context.
+    gen = ctx.stream(prompt_tokens, gemma_greedy, max_tokens=N_REF, buffer_limit=limit)
+    next(gen)
+    time.sleep(0.2)
+    del gen
+    gc.collect()
+    assert ctx.seq_pos_max(0) < len(prompt_tokens) + 4
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,8 @@ the allowed noise.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 
 import pytest
@@ -21,8 +23,18 @@ psutil = pytest.importorskip("psutil")
 MiB = 2**20
 
 
+try:  # glibc: hand freed heap pages back to the OS before each reading, so
+    # that RSS follows what is allocated rather than the allocator's whims
+    # (without it, RSS wanders by +-20 MB between identical iterations).
+    _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+except (OSError, AttributeError):  # pragma: no cover - not glibc
+    _malloc_trim = None
+
+
 def rss() -> int:
     gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
     return psutil.Process().memory_info().rss
 
 
@@ -49,7 +61,7 @@ def test_load_and_free_tiny_llama_30_times(tiny_llama_path):
 
     start, end, samples = measure(step, 30, warmup=5)
     assert len(outputs) == 1  # every fresh load generates the same thing
-    assert end - start < 4 * MiB, [s // MiB for s in samples]
+    assert end - start < 2 * MiB, [s // MiB for s in samples]
 
 
 def test_load_and_free_gemma(gemma_path):
@@ -67,7 +79,7 @@ def test_load_and_free_gemma(gemma_path):
 
     start, end, samples = measure(step, 10, warmup=3)
     assert len(outputs) == 1
-    assert end - start < 8 * MiB, [s // MiB for s in samples]
+    assert end - start < 4 * MiB, [s // MiB for s in samples]
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["inline", "streamed"])
@@ -82,10 +94,10 @@ def test_200_generations_on_one_context(tiny_llama_path, streaming):
         ctx.memory_clear()
         if streaming:
             chunks: list[str] = []
-            result = ctx.generate(prompt, sampler, max_tokens=24, stop=["qq", "xyz"], on_text=chunks.append)
+            result = ctx.generate(prompt, sampler, max_tokens=12, stop=["qq", "xyz"], on_text=chunks.append)
             assert "".join(chunks) == result.text
         else:
-            result = ctx.generate(prompt, sampler, max_tokens=24, stop=["qq", "xyz"])
+            result = ctx.generate(prompt, sampler, max_tokens=12, stop=["qq", "xyz"])
         texts.add(result.text)
 
     try:

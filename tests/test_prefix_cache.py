@@ -180,3 +180,25 @@ def test_reset_forgets_everything() -> None:
     assert state.last_prefix_hit is None
     plan = state.plan([1, 2, 3], max_new_tokens=1, n_ctx=64, recurrent=False)
     assert plan.full_clear
+
+
+@pytest.mark.parametrize(("lcp_tokens", "align", "keep"), [
+    (70, 32, 64),
+    (64, 32, 64),
+    (31, 32, 0),
+    (70, 1, 70),
+    (70, 8, 64),
+])
+def test_plan_aligns_the_kept_prefix(lcp_tokens: int, align: int, keep: int) -> None:
+    state = PrefixCacheState()
+    state.commit(list(range(100)), 0)
+    new = list(range(lcp_tokens)) + [1000, 1001, 1002]
+    plan = state.plan(new, 10, 4096, False, align=align)
+    assert plan.keep == keep
+    assert plan.full_clear == (keep == 0)
+    assert plan.tail == new[keep:] or plan.full_clear
+
+
+def test_plan_rejects_bad_alignment() -> None:
+    with pytest.raises(InvalidInputError):
+        PrefixCacheState().plan([1, 2], 1, 100, False, align=0)

@@ -124,8 +124,11 @@ class LlmBackend(ABC):
         stop = threading.Event()
 
         def pump() -> None:
-            pieces = self.stream(messages, config)
+            pieces: Any = None
             try:
+                # Inside the try: a stream() that validates eagerly raises
+                # here, and the consumer must get that error, not wait forever.
+                pieces = self.stream(messages, config)
                 for piece in pieces:
                     loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
                     if stop.is_set():

@@ -297,7 +297,8 @@ class _GbnfChecker:
             raise self.error(pos, "expected '}' to close a repetition")
         if low > _LLAMA_MAX_REPETITION:
             raise self.error(
-                start, f"repetition count {low} is over llama.cpp's limit of {_LLAMA_MAX_REPETITION}"
+                start,
+                f"repetition count {low} is over llama.cpp's limit of {_LLAMA_MAX_REPETITION}",
             )
         return self.space(pos + 1, nested)
 
@@ -537,9 +538,10 @@ def _bounded_digits(lo: str, hi: str, tail: _Tail) -> str | None:
     def walk(i: int, tl: bool, th: bool) -> str | None:
         # A bound whose remaining digits are all 0 (low) / 9 (high) constrains
         # nothing more than the free case when its tail is the same.
-        if tl and lo[i:] == "0" * (n - i) and all(end(True, x) == end(False, x) for x in (False, True)):
+        both = (False, True)
+        if tl and lo[i:] == "0" * (n - i) and all(end(True, x) == end(False, x) for x in both):
             tl = False
-        if th and hi[i:] == "9" * (n - i) and all(end(x, True) == end(x, False) for x in (False, True)):
+        if th and hi[i:] == "9" * (n - i) and all(end(x, True) == end(x, False) for x in both):
             th = False
         if i == n:
             return end(tl, th)
@@ -671,7 +673,9 @@ def _magnitude(
         if lo_s > hi_s:
             continue
 
-        def tail(tl: bool, th: bool, lo_real: bool = lo_real, hi_real: bool = hi_real) -> str | None:
+        def tail(
+            tl: bool, th: bool, lo_real: bool = lo_real, hi_real: bool = hi_real
+        ) -> str | None:
             return _fraction(
                 lo_frac if tl and lo_real else None,
                 lo_strict,
@@ -773,7 +777,9 @@ def _decimal(value: object, keyword: str) -> Decimal:
     try:
         number = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
     except InvalidOperation:  # pragma: no cover - str(float) is always parseable
-        raise GrammarError(f"schema keyword {keyword!r} is not a usable number: {value!r}") from None
+        raise GrammarError(
+            f"schema keyword {keyword!r} is not a usable number: {value!r}"
+        ) from None
     if not number.is_finite():
         raise GrammarError(f"schema keyword {keyword!r} must be finite, got {value!r}")
     return number
@@ -786,7 +792,9 @@ def _count(schema: Mapping[str, Any], keyword: str) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise GrammarError(f"schema keyword {keyword!r} must be a non-negative integer, got {value!r}")
+        raise GrammarError(
+            f"schema keyword {keyword!r} must be a non-negative integer, got {value!r}"
+        )
     return value
 
 
@@ -938,7 +946,9 @@ class _SchemaConverter:
             while isinstance(part, Mapping) and "$ref" in part:
                 ref = str(part["$ref"])
                 if ref in seen:
-                    raise GrammarError(f"'allOf' at {hint!r} follows a '$ref' cycle through {ref!r}")
+                    raise GrammarError(
+                        f"'allOf' at {hint!r} follows a '$ref' cycle through {ref!r}"
+                    )
                 seen.add(ref)
                 rest = {k: v for k, v in part.items() if k != "$ref"}
                 target = self.resolve(ref)
@@ -1132,7 +1142,9 @@ class _SchemaConverter:
         hi = None if max_items is None else max_items - len(fixed)
         if rest_rule is None:
             if min_items > len(fixed):
-                raise GrammarError(f"array at {hint!r} needs {min_items} items but allows {len(fixed)}")
+                raise GrammarError(
+                    f"array at {hint!r} needs {min_items} items but allows {len(fixed)}"
+                )
             hi = 0
         if lo > _MAX_BOUNDED_REPEAT:
             raise GrammarError(f"minItems {min_items} at {hint!r} is too large for a grammar")
@@ -1263,7 +1275,9 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool, *, strict: bool = True
     looser than the schema: validate the result afterwards.
     """
     if not isinstance(schema, (Mapping, bool)):
-        raise GrammarError(f"schema must be a JSON object (dict) or a bool, got {type(schema).__name__}")
+        raise GrammarError(
+            f"schema must be a JSON object (dict) or a bool, got {type(schema).__name__}"
+        )
     rules = _RuleSet()
     converter = _SchemaConverter(rules, schema, strict=strict, prefix="")
     name = rules.reserve("root")
@@ -1330,7 +1344,9 @@ def response_format_to_grammar(response_format: Mapping[str, Any] | None) -> str
         if schema is None:
             raise InvalidInputError("response_format.json_schema.schema is missing")
         if not isinstance(schema, (Mapping, bool)):
-            raise InvalidInputError("response_format.json_schema.schema must be a JSON schema object")
+            raise InvalidInputError(
+                "response_format.json_schema.schema must be a JSON schema object"
+            )
         strict_flag = spec.get("strict")
         if strict_flag is not None and not isinstance(strict_flag, bool):
             raise InvalidInputError("response_format.json_schema.strict must be a bool")

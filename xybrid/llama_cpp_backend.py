@@ -29,11 +29,13 @@ from xybrid.backend import LlmBackend, MessageLike, StreamingCallback
 from xybrid.chat_templates import ChatTemplate, resolve_chat_template
 from xybrid.errors import (
     ContextOverflowError,
+    GenerationError,
     IntegrityError,
     InvalidInputError,
     ModelNotLoadedError,
     UnsupportedInputError,
 )
+from xybrid.grammar import json_schema_to_gbnf, response_format_to_grammar, validate_grammar
 from xybrid.media import Audio, Image, audio_to_item, image_to_rgb
 from xybrid.model_files import resolve_model_path
 from xybrid.prefix_cache import PrefixCacheState, PrefixPlan
@@ -47,11 +49,37 @@ from xybrid.streaming import (
     truncate_at_first_stop,
 )
 from xybrid.telemetry import compute_telemetry, record_on_current_span
+from xybrid.tool_calls import (
+    TextEvent,
+    ToolCallParser,
+    parse_tool_calls,
+    tool_call_grammar,
+    tools_to_system_prompt,
+    validate_tools,
+)
 from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig, PartialToken
 
-__all__ = ["Capabilities", "LlamaCppBackend", "execution_provider", "sha256_file", "verify_sha256"]
+__all__ = [
+    "Capabilities",
+    "LlamaCppBackend",
+    "ToolCallError",
+    "execution_provider",
+    "sha256_file",
+    "verify_sha256",
+]
+
+
+class ToolCallError(GenerationError):
+    """The model started a tool call that does not parse; ``raw`` holds its text."""
+
+    def __init__(self, message: str, raw: str) -> None:
+        super().__init__(message)
+        self.raw = raw
 
 _SEQ = 0  # the backend drives one sequence of its context
+# Reused prefixes end on a multiple of this, so a cached run decodes with the
+# same row grouping as a fresh one and gives identical results.
+_PREFIX_ALIGN = 32
 
 
 def execution_provider() -> str:
@@ -87,6 +115,35 @@ class _Prepared:
     media_tokens: int = 0
     n_prompt: int = 0  # prompt positions, media included
     start_ns: int | None = None  # when media evaluation began
+    tool_names: tuple[str, ...] = ()  # tools offered to the model (empty: none)
+
+
+class _PieceStream:
+    """Turns the engine's raw chunks into the text a user sees: reasoning
+    and chat stop markers removed (StreamingTextFilter) and, when tools are
+    offered, tool-call markup held out of the text (ToolCallParser)."""
+
+    def __init__(self, prepared: _Prepared) -> None:
+        self.filter = _filter_for(prepared)
+        self.parser = ToolCallParser("auto", tool_names=prepared.tool_names) \
+            if prepared.tool_names else None
+        self.cumulative = ""
+
+    def _text(self, chunk: str | None, final: bool) -> str:
+        out = chunk or ""
+        if self.parser is not None:
+            events = self.parser.feed(out) if out else []
+            if final:
+                events += self.parser.finish()
+            out = "".join(e.text for e in events if isinstance(e, TextEvent))
+        self.cumulative += out
+        return out
+
+    def push(self, chunk: str) -> str:
+        return self._text(self.filter.push(chunk), final=False)
+
+    def finish(self) -> str:
+        return self._text(self.filter.finish(), final=True)
 
 
 @dataclass(frozen=True)
@@ -327,20 +384,29 @@ class LlamaCppBackend(LlmBackend):
             raise ContextOverflowError(
                 f"input too long: {len(tokens)} tokens do not fit the context window of "
                 f"{n_ctx} tokens; shorten the prompt or the conversation history")
-        plan = self._cache.plan(tokens, config.max_tokens, n_ctx, loaded.model.has_recurrent_state)
+        plan = self._cache.plan(tokens, config.max_tokens, n_ctx, loaded.model.has_recurrent_state,
+                                align=_PREFIX_ALIGN)
         stops = (merge_stop_patterns(config.stop_sequences, CHAT_STOP_PATTERNS) if chat
                  else tuple(config.stop_sequences))
         return _Prepared(tokens, plan, stops, chat)
 
     def _prepare_chat(self, loaded: _Loaded, msgs: list[ChatMessage],
                       config: GenerationConfig) -> _Prepared:
+        tools = _offered_tools(config)
+        template_tools: list[dict[str, Any]] | None = None
+        if tools:
+            msgs, template_tools = _with_tool_prompt(loaded.template, msgs, tools)
         if not any(m.media for m in msgs):
-            prompt = loaded.template.render(msgs, add_generation_prompt=True)
-            return self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
-        return self._prepare_multimodal(loaded, msgs, config)
+            prompt = loaded.template.render(msgs, add_generation_prompt=True, tools=template_tools)
+            prepared = self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
+        else:
+            prepared = self._prepare_multimodal(loaded, msgs, config, template_tools)
+        prepared.tool_names = tuple(t["function"]["name"] for t in tools)
+        return prepared
 
     def _prepare_multimodal(self, loaded: _Loaded, msgs: list[ChatMessage],
-                            config: GenerationConfig) -> _Prepared:
+                            config: GenerationConfig,
+                            tools: list[dict[str, Any]] | None) -> _Prepared:
         """Render the media markers into the prompt, then tokenize and
         evaluate text and media through mtmd. Media prompts always start
         from an empty cache: their positions do not map to token ids."""
@@ -364,7 +430,7 @@ class LlamaCppBackend(LlmBackend):
                     items.append(audio_to_item(item))
                 markers += mm.marker + "\n"
             rendered.append(ChatMessage(m.role, markers + m.content, m.name, m.tool_call_id))
-        prompt = loaded.template.render(rendered, add_generation_prompt=True)
+        prompt = loaded.template.render(rendered, add_generation_prompt=True, tools=tools)
         if loaded.bos_text and prompt.startswith(loaded.bos_text):
             prompt = prompt[len(loaded.bos_text):]  # mtmd adds the BOS itself
         start_ns = _engine.monotonic_ns()
@@ -437,29 +503,31 @@ class LlamaCppBackend(LlmBackend):
             sampler = _sampler(loaded.model, config)
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
                                         n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None,
-                                        logits_ready=not tail)
-            text_filter = _filter_for(prepared)
+                                        logits_ready=not tail,
+                                        render_special=bool(prepared.tool_names))
+            pieces = _PieceStream(prepared)
             index = 0
             finished = False
             try:
                 for chunk in gen:
-                    safe = text_filter.push(chunk)
+                    safe = pieces.push(chunk)
                     if safe:
                         n = gen.tokens_at_last_chunk
-                        yield PartialToken(safe, index, text_filter.cumulative_emitted,
+                        yield PartialToken(safe, index, pieces.cumulative,
                                            gen.token_at(n - 1) if n else None)
                         index += 1
-                tail_text = text_filter.finish()
+                tail_text = pieces.finish()
                 if tail_text:
-                    yield PartialToken(tail_text, index, text_filter.cumulative_emitted)
+                    yield PartialToken(tail_text, index, pieces.cumulative)
                     index += 1
                 finished = True
             finally:
                 if not finished:
                     gen.close()
                     self._forget(loaded)
-            output = self._finish(loaded, prepared, config, gen.result, n_past, text_filter)
-            yield PartialToken("", index, output.text, None, output.finish_reason)
+            output = self._finish(loaded, prepared, config, gen.result, n_past)
+            yield PartialToken("", index, output.text, None, output.finish_reason,
+                               output.tool_calls)
 
     def _run_chat(self, messages: Sequence[MessageLike], config: GenerationConfig | None,
                   on_token: StreamingCallback | None) -> GenerationOutput:
@@ -475,34 +543,36 @@ class LlamaCppBackend(LlmBackend):
         """Run the engine (lock held) and build the output."""
         tail, n_past = self._apply_plan(loaded, prepared)
         sampler = _sampler(loaded.model, config)
-        text_filter = _filter_for(prepared)
+        pieces = _PieceStream(prepared)
         on_text: Callable[[str], object] | None = None
         index = 0
         if on_token is not None:
             def on_text(chunk: str) -> object:
                 nonlocal index
-                safe = text_filter.push(chunk)
+                safe = pieces.push(chunk)
                 if not safe:
                     return None
-                piece = PartialToken(safe, index, text_filter.cumulative_emitted)
+                piece = PartialToken(safe, index, pieces.cumulative)
                 index += 1
                 return on_token(piece)
         try:
             result = loaded.context.generate(tail, sampler, max_tokens=config.max_tokens,
                                              n_past=n_past, seq_id=_SEQ,
                                              stop=prepared.stops or None, on_text=on_text,
-                                             logits_ready=not tail)
+                                             logits_ready=not tail,
+                                             render_special=bool(prepared.tool_names))
         except BaseException:
             self._forget(loaded)
             raise
         if on_token is not None and result.stop_reason != "cancelled":
-            rest = text_filter.finish()
+            rest = pieces.finish()
             if rest:
-                on_token(PartialToken(rest, index, text_filter.cumulative_emitted))
+                on_token(PartialToken(rest, index, pieces.cumulative))
                 index += 1
-        output = self._finish(loaded, prepared, config, result, n_past, text_filter)
+        output = self._finish(loaded, prepared, config, result, n_past)
         if on_token is not None:
-            on_token(PartialToken("", index, output.text, None, output.finish_reason))
+            on_token(PartialToken("", index, output.text, None, output.finish_reason,
+                                  output.tool_calls))
         return output
 
     def _forget(self, loaded: _Loaded) -> None:
@@ -511,27 +581,42 @@ class LlamaCppBackend(LlmBackend):
         self._cache.reset()
 
     def _finish(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
-                result: Any, n_past: int, text_filter: StreamingTextFilter) -> GenerationOutput:
+                result: Any, n_past: int) -> GenerationOutput:
         """Record the cache, clean the text, derive finish reason and telemetry."""
         if result.stop_reason == "cancelled" or prepared.start_ns is not None:
             # Cancelled: the cache is in an unknown state. Multimodal: its
             # positions do not correspond to token ids, so nothing can be reused.
             self._forget(loaded)
         else:
-            # The cache now holds the prompt and the generated tokens that
-            # went through llama_decode (the last sampled one usually did not).
-            self._cache.commit(prepared.tokens + list(result.tokens[: result.n_decoded]), n_past)
+            # Only the prompt is recorded as reusable. The generated tokens are
+            # in the cache too, but they were decoded one at a time, and their
+            # values differ slightly from a batched prefill of the same tokens;
+            # reusing them would make the next turn differ from a fresh run.
+            # seq_rm drops them when the next call keeps a prefix.
+            self._cache.commit(prepared.tokens, n_past)
         text = result.text
         stopped = result.stop_reason in ("stop", "eog")
+        thinking = ""
+        tool_calls: tuple[dict[str, Any], ...] = ()
         if prepared.chat:
             final_patterns = merge_stop_patterns(
                 config.stop_sequences, CHAT_STOP_PATTERNS + CHAT_STOP_PATTERNS_BROKEN)
             text, cut = truncate_at_first_stop(text, final_patterns)
             text, trimmed = trim_partial_stop_suffix(text, final_patterns)
-            text = strip_thinking_tags(text).strip()
-            stopped = stopped or cut or trimmed or text_filter.is_stopped
+            parsed = parse_tool_calls(text, "auto" if prepared.tool_names else "none",
+                                      tool_names=prepared.tool_names or None)
+            if parsed.malformed and not parsed.tool_calls:
+                raise ToolCallError(
+                    f"the model wrote a tool call that does not parse: {parsed.malformed[0].error}",
+                    parsed.malformed[0].raw)
+            tool_calls = tuple(call.to_openai() for call in parsed.tool_calls)
+            thinking = parsed.thinking
+            text = strip_thinking_tags(parsed.text).strip()
+            stopped = stopped or cut or trimmed
         finish_reason = {"cancelled": "cancelled"}.get(
             result.stop_reason, "stop" if stopped else "length")
+        if tool_calls:
+            finish_reason = "tool_calls"
         prompt_tokens = len(prepared.tokens) or prepared.n_prompt
         prefilled = result.n_prompt  # tokens actually decoded in prefill
         start_ns = result.t_start_ns
@@ -560,6 +645,8 @@ class LlamaCppBackend(LlmBackend):
             media_tokens=prepared.media_tokens,
             stop_reason=result.stop_reason,
             token_ids=tuple(result.tokens),
+            tool_calls=tool_calls,
+            thinking=thinking,
         )
         record_on_current_span(output)
         return output
@@ -610,8 +697,45 @@ def _sampler(model: Any, config: GenerationConfig) -> Any:
         frequency_penalty=config.frequency_penalty,
         presence_penalty=config.presence_penalty,
         seed=config.seed,
-        grammar=config.grammar,
+        grammar=_grammar_for(config),
     )
+
+
+def _grammar_for(config: GenerationConfig) -> str | None:
+    """The GBNF that constrains this generation, pre-checked before llama.cpp
+    parses it (size and alternation bounds, syntax)."""
+    grammar: str | None
+    if config.grammar is not None:
+        grammar = config.grammar
+    elif config.json_schema is not None:
+        grammar = json_schema_to_gbnf(config.json_schema)
+    elif config.response_format is not None:
+        grammar = response_format_to_grammar(config.response_format)
+    elif config.tool_choice == "required":
+        grammar = tool_call_grammar(list(config.tools), "hermes")
+    else:
+        return None
+    return validate_grammar(grammar) if grammar is not None else None
+
+
+def _offered_tools(config: GenerationConfig) -> list[dict[str, Any]]:
+    if not config.tools or config.tool_choice == "none":
+        return []
+    return [spec.to_openai() for spec in validate_tools(list(config.tools))]
+
+
+def _with_tool_prompt(
+    template: ChatTemplate, msgs: list[ChatMessage], tools: list[dict[str, Any]]
+) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
+    """Messages and the ``tools`` template variable. Templates that know
+    tools get them as that variable; for the others the tool descriptions go
+    into the system message."""
+    if "tools" in (getattr(template, "source", "") or ""):
+        return msgs, tools
+    described = tools_to_system_prompt(tools, "hermes")
+    if msgs and msgs[0].role == "system":
+        return [ChatMessage.system(msgs[0].content + "\n\n" + described), *msgs[1:]], None
+    return [ChatMessage.system(described), *msgs], None
 
 
 def _filter_for(prepared: _Prepared) -> StreamingTextFilter:

@@ -71,7 +71,12 @@ class PrefixCacheState:
         self.last_prefix_hit = None
 
     def plan(
-        self, new_tokens: Sequence[int], max_new_tokens: int, n_ctx: int, recurrent: bool
+        self,
+        new_tokens: Sequence[int],
+        max_new_tokens: int,
+        n_ctx: int,
+        recurrent: bool,
+        align: int = 1,
     ) -> PrefixPlan:
         """Decide how to prefill ``new_tokens``; the state is left untouched.
 
@@ -86,6 +91,12 @@ class PrefixCacheState:
            check that follows reports the overflow on a clean cache. Evicting
            old turns is out of scope.
         4. Otherwise keep the prefix and decode only the tail.
+
+        ``align`` rounds the kept prefix down to a multiple of itself. llama.cpp's
+        CPU kernels process batch rows in groups, so a prompt decoded from a
+        position that is not a multiple of the group size gets slightly different
+        numbers than the same prompt decoded from scratch; aligning keeps a
+        cached run identical to a fresh one.
         """
         if not new_tokens:
             raise InvalidInputError("PrefixCacheState.plan needs a non-empty prompt")
@@ -98,7 +109,10 @@ class PrefixCacheState:
         everything = PrefixPlan(keep=0, tail=list(new_tokens), full_clear=True)
         if recurrent:
             return everything
+        if align < 1:
+            raise InvalidInputError(f"PrefixCacheState.plan align must be >= 1, got {align}")
         keep = reusable_prefix_len(self.cached_tokens, new_tokens)
+        keep -= keep % align
         tail = list(new_tokens[keep:])
         would_overflow = keep + len(tail) + max_new_tokens >= n_ctx
         if keep == 0 or would_overflow:

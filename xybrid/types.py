@@ -330,6 +330,16 @@ class GenerationConfig:
     - ``stop_sequences=()``: any iterable of non-empty strings, stored as a
       tuple; a single ``str`` is taken as one sequence, as the OpenAI API does.
     - ``grammar=None``: GBNF text constraining the output.
+    - ``json_schema=None``: a JSON schema the reply must satisfy (converted to
+      a grammar, so the output always parses and validates).
+    - ``response_format=None``: OpenAI style, ``{"type": "json_object"}`` for
+      any JSON object or ``{"type": "json_schema", "json_schema": {...}}``.
+      At most one of ``grammar``, ``json_schema`` and a JSON
+      ``response_format`` may be given.
+    - ``tools=()``: OpenAI-style function tools offered to the model; calls it
+      makes come back in ``GenerationOutput.tool_calls``.
+    - ``tool_choice="auto"``: ``"none"`` hides the tools, ``"required"``
+      constrains the reply to tool calls with a grammar.
     """
 
     max_tokens: int
@@ -344,6 +354,10 @@ class GenerationConfig:
     seed: int | None
     stop_sequences: tuple[str, ...]
     grammar: str | None
+    json_schema: Mapping[str, Any] | None
+    response_format: Mapping[str, Any] | None
+    tools: tuple[Mapping[str, Any], ...]
+    tool_choice: str
 
     def __init__(
         self,
@@ -360,8 +374,35 @@ class GenerationConfig:
         seed: int | None = None,
         stop_sequences: Iterable[str] | str = (),
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        tools: Iterable[Mapping[str, Any]] = (),
+        tool_choice: str = "auto",
     ) -> None:
         owner = "GenerationConfig"
+        if json_schema is not None and not isinstance(json_schema, Mapping):
+            raise _fail(owner, "json_schema", "None or a JSON schema mapping", json_schema)
+        if response_format is not None and not isinstance(response_format, Mapping):
+            raise _fail(owner, "response_format", "None or a mapping like {'type': 'json_object'}",
+                        response_format)
+        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Iterable):
+            raise _fail(owner, "tools", "an iterable of OpenAI-style tool mappings", tools)
+        tools_value = tuple(tools)
+        if any(not isinstance(t, Mapping) for t in tools_value):
+            raise _fail(owner, "tools", "an iterable of OpenAI-style tool mappings", tools)
+        if tool_choice not in ("auto", "none", "required"):
+            raise _fail(owner, "tool_choice", "'auto', 'none' or 'required'", tool_choice)
+        if tool_choice == "required" and not tools_value:
+            raise _fail(owner, "tool_choice", "'auto' or 'none' when no tools are given", tool_choice)
+        json_format = response_format is not None and response_format.get("type") != "text"
+        constraints = [name for name, on in (("grammar", grammar is not None),
+                                             ("json_schema", json_schema is not None),
+                                             ("response_format", json_format),
+                                             ("tool_choice='required'", tool_choice == "required"))
+                       if on]
+        if len(constraints) > 1:
+            raise InvalidInputError(
+                f"GenerationConfig: {' and '.join(constraints)} both constrain the output; give one")
         top_p_value = _as_finite_float(owner, "top_p", top_p, "a number in (0, 1]")
         if not 0.0 < top_p_value <= 1.0:
             raise _fail(owner, "top_p", "a number in (0, 1]", top_p)
@@ -404,6 +445,10 @@ class GenerationConfig:
             "seed": seed,
             "stop_sequences": _normalise_stop_sequences(stop_sequences),
             "grammar": grammar_value,
+            "json_schema": json_schema,
+            "response_format": response_format,
+            "tools": tools_value,
+            "tool_choice": tool_choice,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -456,6 +501,7 @@ class PartialToken:
     cumulative_text: str
     token_id: int | None = None
     finish_reason: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
     @property
     def is_final(self) -> bool:
@@ -492,6 +538,8 @@ class GenerationOutput:
     stop_reason: str | None = None
     token_ids: tuple[int, ...] = field(default=())
     media_tokens: int = 0
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    thinking: str = ""
 
     def to_dict(self) -> dict[str, object]:
         """Telemetry mapping under the canonical key names.

@@ -20,7 +20,11 @@ cdef class Context:
     cdef bint busy
     cdef readonly int n_batch_alloc
     cdef readonly bint embeddings
-    cdef Generation current  # the running generation, for cancel()
+    # The running generation, for cancel(), as a weak reference: a strong one
+    # would make Context <-> Generation a cycle, so an abandoned stream
+    # iterator would never be deallocated (and cancelled) while the context
+    # lives, leaving the worker running and the context busy for good.
+    cdef object current
 
     def __cinit__(self):
         self.ptr = NULL
@@ -202,7 +206,7 @@ cdef class Context:
     def cancel(self):
         """Stop the generation running on this context, if any. Safe from any
         thread; the generation ends with stop reason "cancelled"."""
-        gen = self.current
+        gen = self.current() if self.current is not None else None
         if gen is not None:
             gen.cancel()
             return True
@@ -210,7 +214,7 @@ cdef class Context:
 
     def generate(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                  int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
-                 bint logits_ready=False):
+                 bint logits_ready=False, bint render_special=False):
         """Decode ``tokens`` after ``n_past`` cached positions of ``seq_id``
         and generate up to ``max_tokens`` tokens. Returns a
         :class:`GenerationResult`.
@@ -224,11 +228,13 @@ cdef class Context:
 
         ``logits_ready=True`` with empty ``tokens`` starts sampling from the
         logits the previous decode left (e.g. after :meth:`eval_chunks`).
+        ``render_special=True`` writes the text of control tokens (such as
+        tool-call markers) instead of dropping it.
         """
         self.check_idle()
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop,
-                  on_text is not None, buffer_limit, logits_ready)
+                  on_text is not None, buffer_limit, logits_ready, render_special)
         if on_text is None:
             gen.run_inline()
         else:
@@ -246,13 +252,13 @@ cdef class Context:
 
     def stream(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                int seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
-               bint logits_ready=False):
+               bint logits_ready=False, bint render_special=False):
         """Start a generation on a native thread and return the
         :class:`Generation` iterator of its text chunks."""
         self.check_idle()
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop, True, buffer_limit,
-                  logits_ready)
+                  logits_ready, render_special)
         gen.start_thread()
         return gen
 

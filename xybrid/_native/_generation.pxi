@@ -7,6 +7,8 @@
 # consumer share `mu`; the producer blocks only when more than `buffer_limit`
 # bytes wait unread (a consumer that stops reading holds the loop back).
 
+from weakref import ref as _weakref
+
 STOP_REASONS = ("running", "eog", "stop", "length", "cancelled", "error")
 
 cdef enum:
@@ -42,6 +44,7 @@ cdef struct GenState:
     size_t * stop_lens
     int32_t n_stops
     bint streaming
+    bint render_special         # write control tokens' text (tool-call markers)
     size_t buffer_limit
     # progress
     llama_pos n_past            # next position to write in the sequence
@@ -157,14 +160,14 @@ cdef int gen_accept_token(GenState * g, llama_token tok) noexcept nogil:
     0 to go on, -1 when out of memory."""
     cdef char small[128]
     cdef char * piece = small
-    cdef int32_t n = llama_token_to_piece(g.vocab, tok, small, sizeof(small), 0, False)
+    cdef int32_t n = llama_token_to_piece(g.vocab, tok, small, sizeof(small), 0, g.render_special)
     cdef int rc = 0
     cdef size_t old_len
     if n < 0:
         piece = <char *> malloc(-n)
         if piece == NULL:
             return -1
-        n = llama_token_to_piece(g.vocab, tok, piece, -n, 0, False)
+        n = llama_token_to_piece(g.vocab, tok, piece, -n, 0, g.render_special)
         if n < 0:
             n = 0
     if g.streaming:
@@ -312,6 +315,7 @@ cdef class Generation:
     cdef readonly GenerationResult result
     cdef readonly object error
     cdef readonly int tokens_at_last_chunk
+    cdef object __weakref__  # Context.current refers to the running generation weakly
 
     def __cinit__(self):
         self.sync_ready = False
@@ -324,7 +328,7 @@ cdef class Generation:
 
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
                    Sampler sampler, stop, bint streaming, size_t buffer_limit,
-                   bint logits_ready=False) except -1:
+                   bint logits_ready=False, bint render_special=False) except -1:
         cdef Py_ssize_t i, n = len(tokens)
         cdef int32_t n_ctx = llama_n_ctx(context.ptr)
         cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
@@ -369,6 +373,7 @@ cdef class Generation:
         g.n_past = n_past
         g.max_tokens = max_tokens
         g.streaming = streaming
+        g.render_special = render_special
         g.buffer_limit = buffer_limit
         g.prompt = <llama_token *> malloc(max(n, 1) * sizeof(llama_token))
         g.out_tokens = <llama_token *> malloc(max_tokens * sizeof(llama_token))
@@ -399,7 +404,7 @@ cdef class Generation:
             raise MemoryError("pthread_cond_init failed")
         self.sync_ready = True
         context.busy = True
-        context.current = self
+        context.current = _weakref(self)
         llama_set_abort_callback(context.ptr, gen_should_abort, g)
         llama_perf_context_reset(context.ptr)
         # A sampler carries state between tokens (penalty window, grammar
