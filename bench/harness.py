@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -134,79 +135,194 @@ class Contestant:
     skipped: str = ""
 
 
-def run_job(c: Contestant, case: Case, prep: dict[str, Any], args: argparse.Namespace,
-            tmp: Path) -> dict[str, Any]:
-    tokens = prep["tokens"][case.model][case.prompt]
-    model = prep["models"][case.model]
-    variants = c.variants if case.all_variants else c.variants[:1]
-    t0 = time.monotonic()
-    if c.key == "native":
-        tok_file = tmp / f"{case.model}-{case.prompt}.tokens"
-        if not tok_file.exists():
-            tok_file.write_text(" ".join(map(str, tokens)))
+class WorkerError(Exception):
+    pass
+
+
+class Worker:
+    """One contestant's process for one workload in one round.
+
+    It loads the model, warms up and says "ready"; then the harness sends it
+    one command at a time (a generation, a turn of the multi-turn workload)
+    and reads one JSON line back, so that the contestants of a round can be
+    alternated run by run.
+    """
+
+    def __init__(self, c: Contestant, case: Case, prep: dict[str, Any], args: argparse.Namespace,
+                 tmp: Path, warmup: bool = True) -> None:
+        self.c = c
+        self.timeout = args.timeout
+        self.busy_s = 0.0
+        tokens = prep["tokens"][case.model][case.prompt]
+        model = prep["models"][case.model]
         s = case.sampler
-        cmd = [str(c.binary), "--model", model, "--tokens", str(tok_file),
-               "--n-predict", str(case.n_predict), "--threads", str(args.threads),
-               "--ctx", str(args.ctx), "--batch", str(args.batch), "--ubatch", str(args.batch),
-               "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
-               "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]), "--warmup", str(case.warmup),
-               "--reps", str(case.reps)]
-        if args.flash_attn:
-            cmd.append("--flash-attn")
-        if case.busy:
-            cmd.append("--busy-thread")
-        if case.kind == "multiturn":
-            cmd += ["--mode", "multiturn", "--prefix-len", str(case.prefix_len),
-                    "--reps-cleared", str(case.reps_cleared)]
-    else:
-        spec = {
-            "workload": case.kind if case.kind == "multiturn" else "generate",
-            "model": model, "prompt_tokens": tokens, "n_predict": case.n_predict,
-            "threads": args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
-            "flash_attn": args.flash_attn, "sampler": case.sampler, "variants": variants,
-            "reps": case.reps, "reps_cleared": case.reps_cleared, "warmup": case.warmup,
-            "busy": case.busy, "prefix_len": case.prefix_len,
-        }
-        spec_file = tmp / f"spec-{c.key}-{case.name}.json"
-        spec_file.write_text(json.dumps(spec))
-        cmd = [str(c.python), str(c.worker), str(spec_file)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=args.timeout, cwd=WORKERS)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s", "wall_s": time.monotonic() - t0}
-    wall = time.monotonic() - t0
-    # Generated text may end inside a UTF-8 character: decode leniently.
-    stdout = proc.stdout.decode("utf-8", "replace")
-    stderr = proc.stderr.decode("utf-8", "replace")
-    if proc.returncode != 0:
-        tail = (stderr or stdout).strip().splitlines()[-12:]
-        return {"error": f"exit code {proc.returncode}: " + "\n".join(tail), "wall_s": wall}
-    try:
-        data = json.loads(stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": "no JSON result on stdout: " + stdout[-500:], "wall_s": wall}
-    if c.key == "native":
-        data = normalise_native(data)
-    data["wall_s"] = wall
-    return data
+        if c.key == "native":
+            tok_file = tmp / f"{case.model}-{case.prompt}.tokens"
+            if not tok_file.exists():
+                tok_file.write_text(" ".join(map(str, tokens)))
+            cmd = [str(c.binary), "--serve", "--model", model, "--tokens", str(tok_file),
+                   "--n-predict", str(case.n_predict), "--threads", str(args.threads),
+                   "--ctx", str(args.ctx), "--batch", str(args.batch), "--ubatch", str(args.batch),
+                   "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
+                   "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]),
+                   "--warmup", str(case.warmup if warmup else 0), "--prefix-len", str(case.prefix_len)]
+            if args.flash_attn:
+                cmd.append("--flash-attn")
+        else:
+            spec = {
+                "model": model, "prompt_tokens": tokens, "n_predict": case.n_predict,
+                "threads": args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
+                "flash_attn": args.flash_attn, "sampler": s,
+                "variants": c.variants if case.all_variants else c.variants[:1],
+                "warmup": case.warmup if warmup else 0, "prefix_len": case.prefix_len,
+            }
+            spec_file = tmp / f"spec-{c.key}-{case.name}.json"
+            spec_file.write_text(json.dumps(spec))
+            cmd = [str(c.python), str(c.worker), str(spec_file)]
+        self.stderr = (tmp / f"stderr-{c.key}-{case.name}.txt").open("w+b")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, cwd=WORKERS)
+        self.ready = self._read()
+        self.busy_s += time.monotonic() - t0
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        timer = threading.Timer(self.timeout, self.proc.kill)
+        timer.start()
+        try:
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise WorkerError(self._died())
+                # Generated text may end inside a UTF-8 character: decode leniently.
+                text = line.decode("utf-8", "replace").strip()
+                if text.startswith("{"):
+                    out = json.loads(text)
+                    if "error" in out:
+                        raise WorkerError(out["error"])
+                    return dict(out)
+        finally:
+            timer.cancel()
+
+    def _died(self) -> str:
+        rc = self.proc.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read().decode("utf-8", "replace").strip().splitlines()[-12:]
+        return f"the {self.c.key} process ended (exit code {rc}): " + "\n".join(tail)
+
+    def ask(self, op: str, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        if self.c.key == "native":
+            words = [op] + (["busy"] if kw.get("busy") else [])
+            if op == "turn2":
+                words.append("reuse" if kw["reuse"] else "cleared")
+            line = " ".join(words)
+        else:
+            line = json.dumps({"op": op, **kw})
+        t0 = time.monotonic()
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise WorkerError(self._died()) from None
+        out = self._read()
+        self.busy_s += time.monotonic() - t0
+        return out
+
+    def close(self) -> dict[str, Any]:
+        try:
+            return self.ask("exit")
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
 
 
-def normalise_native(d: dict[str, Any]) -> dict[str, Any]:
-    """The C program's output in the shape of the Python workers' results."""
-    out: dict[str, Any] = {"contestant": "native", "variants": {},
-                           "maxrss_kb": d["maxrss_kb"], "rss_start_kb": d["rss_start_kb"],
-                           "rss_before_load_kb": d["rss_start_kb"], "t_load_ns": d["t_load_ns"]}
-    if "runs" in d:
-        runs = []
-        for r in d["runs"]:
-            tn = r["token_ns"]
-            runs.append({"t_start_ns": r["t_start_ns"], "t_first_ns": tn[0] if tn else r["t_end_ns"],
-                         "t_end_ns": r["t_end_ns"], "n_tokens": len(r["tokens"]), "tokens": r["tokens"],
-                         "n_chunks": 0, "stop_reason": r["stop_reason"]})
-        out["variants"]["native"] = {"runs": runs}
+def run_case(case: Case, active: list[Contestant], prep: dict[str, Any], args: argparse.Namespace,
+             tmp: Path) -> dict[str, dict[str, Any]]:
+    """One workload, one round: every contestant's figures, contestants
+    alternated run by run (A B C A B C ...). Memory is measured per process:
+    each contestant in turn loads, generates once and exits."""
+    results: dict[str, dict[str, Any]] = {}
+    workers: dict[str, Worker] = {}
+
+    def fail(c: Contestant, exc: Exception) -> None:
+        results[c.key] = {"error": str(exc)}
+        w = workers.pop(c.key, None)
+        if w:
+            w.proc.kill()
+            w.kill()
+
+    def variants(c: Contestant) -> list[str]:
+        return c.variants if case.all_variants else c.variants[:1]
+
+    if case.kind == "memory":
+        for c in active:
+            try:
+                w = Worker(c, case, prep, args, tmp, warmup=False)
+                workers[c.key] = w
+                run = w.ask("generate", variant=variants(c)[0])
+                end = w.close()
+                del workers[c.key]
+                results[c.key] = {**w.ready, **end, "wall_s": w.busy_s,
+                                  "variants": {variants(c)[0]: {"runs": [run]}}}
+            except (WorkerError, OSError, ValueError) as exc:
+                fail(c, exc)
+        return results
+
+    for c in active:
+        try:
+            workers[c.key] = Worker(c, case, prep, args, tmp)
+            results[c.key] = {**workers[c.key].ready, "variants": {v: {} for v in variants(c)}}
+        except (WorkerError, OSError, ValueError) as exc:
+            fail(c, exc)
+
+    def each(step: Any) -> None:
+        for c in active:
+            if c.key not in workers:
+                continue
+            try:
+                step(c, workers[c.key])
+            except (WorkerError, OSError, ValueError) as exc:
+                fail(c, exc)
+
+    def gen(c: Contestant, w: Worker) -> None:
+        for v in variants(c):
+            run = w.ask("generate", variant=v, busy=case.busy)
+            results[c.key]["variants"][v].setdefault("runs", []).append(run)
+
+    def turn2(reuse: bool) -> Any:
+        def step(c: Contestant, w: Worker) -> None:
+            for v in variants(c):
+                ttft = w.ask("turn2", variant=v, reuse=reuse)["ttft_ns"]
+                key = "ttft_reuse_ns" if reuse else "ttft_cleared_ns"
+                results[c.key]["variants"][v].setdefault(key, []).append(ttft)
+        return step
+
+    if case.kind == "multiturn":
+        each(lambda c, w: w.ask("turn1"))
+        for _ in range(case.reps):
+            each(turn2(True))
+        for _ in range(case.reps_cleared):
+            each(turn2(False))
     else:
-        out["variants"]["native"] = {"ttft_reuse_ns": d["ttft_reuse_ns"], "ttft_cleared_ns": d["ttft_cleared_ns"]}
-    return out
+        for _ in range(case.reps):
+            each(gen)
+    for key, w in list(workers.items()):
+        try:
+            results[key].update(w.close())
+            results[key]["wall_s"] = w.busy_s
+        except (WorkerError, OSError, ValueError) as exc:
+            results[key] = {"error": str(exc)}
+    return results
 
 
 # --- environment ---------------------------------------------------------------
@@ -338,13 +454,21 @@ def main(argv: list[str] | None = None) -> int:
             warm = rnd < args.warmup_rounds
             label = "warm-up" if warm else f"round {rnd - args.warmup_rounds + 1}/{args.rounds}"
             for case in cases:
+                load = os.getloadavg()[0]
+                t0 = time.monotonic()
+                results = run_case(case, active, prep, args, tmp)
+                parts = []
                 for c in active:
-                    res = run_job(c, case, prep, args, tmp)
-                    status = "ERROR " + res["error"].splitlines()[0] if "error" in res else "ok"
-                    print(f"[bench] {label:>12}  {case.name:<16} {c.key:<7} {res['wall_s']:6.1f} s  {status}",
-                          flush=True)
+                    res = results.get(c.key, {"error": "no result"})
+                    res["loadavg_1min_before"] = load
+                    parts.append(f"{c.key} " + ("ERROR" if "error" in res else f"{res.get('wall_s', 0):.1f}s"))
                     records.append({"round": rnd - args.warmup_rounds, "warmup": warm, "case": case.name,
                                     "contestant": c.key, "result": res})
+                print(f"[bench] {label:>12}  {case.name:<16} {time.monotonic() - t0:6.1f} s  "
+                      f"(load {load:.1f}; {', '.join(parts)})", flush=True)
+                for c in active:
+                    if "error" in results.get(c.key, {}):
+                        print(f"[bench]   {c.key}: {results[c.key]['error']}", flush=True)
 
     meta = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -367,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "native_skipped": nat.skipped,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
+        "loadavg_jobs": sorted(r["result"]["loadavg_1min_before"] for r in records),
         "wall_s": time.monotonic() - started,
     }
     analysis = report.analyse(records, cases, contestants, meta)

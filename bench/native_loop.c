@@ -22,6 +22,14 @@
  *              in the cache (seq_rm of the rest) and --reps-cleared times
  *              (default: --reps) after clearing the cache.
  *
+ *   --serve    load, warm up, print {"ready": ...}, then obey one command per
+ *              stdin line, answering one JSON line each (the benchmark harness
+ *              drives all contestants this way, alternating them run by run):
+ *                generate [busy]        one generation (busy: with a spinning thread)
+ *                turn1                  decode the first --prefix-len tokens
+ *                turn2 reuse|cleared    time the first token of the whole prompt
+ *                exit                   answer {"maxrss_kb": ...} and quit
+ *
  * --busy-thread starts a thread that spins on the CPU during the measured
  * runs: the CPU contention that a busy Python thread causes, without a GIL.
  */
@@ -71,7 +79,7 @@ typedef struct {
     int n_predict, n_threads, n_ctx, n_batch, n_ubatch, top_k, warmup, reps, reps_cleared, prefix_len;
     float temp, top_p, min_p;
     uint32_t seed;
-    int flash_attn, ignore_eos, busy_thread, no_mmap;
+    int flash_attn, ignore_eos, busy_thread, no_mmap, serve;
 } opts_t;
 
 static void usage(void) {
@@ -79,7 +87,8 @@ static void usage(void) {
             "usage: native_loop --model PATH (--tokens FILE | --prompt TEXT) [--mode generate|multiturn]\n"
             "  [--n-predict N] [--threads N] [--ctx N] [--batch N] [--ubatch N]\n"
             "  [--temp F] [--top-k N] [--top-p F] [--min-p F] [--seed N] [--flash-attn]\n"
-            "  [--ignore-eos] [--warmup N] [--reps N] [--reps-cleared N] [--prefix-len N] [--busy-thread] [--no-mmap]\n");
+            "  [--ignore-eos] [--warmup N] [--reps N] [--reps-cleared N] [--prefix-len N] [--busy-thread] [--no-mmap]\n"
+            "  [--serve]\n");
     exit(2);
 }
 
@@ -121,6 +130,7 @@ static void parse(int argc, char **argv, opts_t *o) {
         else if (strcmp(a, "--ignore-eos") == 0) o->ignore_eos = 1;
         else if (strcmp(a, "--busy-thread") == 0) o->busy_thread = 1;
         else if (strcmp(a, "--no-mmap") == 0) o->no_mmap = 1;
+        else if (strcmp(a, "--serve") == 0) o->serve = 1;
         else usage();
 #undef ARG
     }
@@ -260,6 +270,18 @@ static void *busy_main(void *arg) {
     return NULL;
 }
 
+static pthread_t busy_start(void) {
+    pthread_t t;
+    __atomic_store_n(&busy_stop, 0, __ATOMIC_RELAXED);
+    if (pthread_create(&t, NULL, busy_main, NULL) != 0) die("pthread_create failed");
+    return t;
+}
+
+static void busy_end(pthread_t t) {
+    __atomic_store_n(&busy_stop, 1, __ATOMIC_RELAXED);
+    pthread_join(t, NULL);
+}
+
 static long rss_kb(void) {
     long pages = 0, resident = 0;
     FILE *f = fopen("/proc/self/statm", "r");
@@ -283,9 +305,10 @@ static void json_str(const char *s, size_t n) {
 }
 
 static void print_run(const run_t *r) {
-    printf("{\"t_start_ns\": %" PRId64 ", \"t_prefill_end_ns\": %" PRId64 ", \"t_end_ns\": %" PRId64
-           ", \"stop_reason\": \"%s\", \"tokens\": [",
-           r->t_start, r->t_prefill_end, r->t_end, r->stop_reason);
+    printf("{\"t_start_ns\": %" PRId64 ", \"t_prefill_end_ns\": %" PRId64 ", \"t_first_ns\": %" PRId64
+           ", \"t_end_ns\": %" PRId64 ", \"n_tokens\": %d, \"n_chunks\": 0, \"stop_reason\": \"%s\", \"tokens\": [",
+           r->t_start, r->t_prefill_end, r->n_out ? r->token_ns[0] : r->t_end, r->t_end, r->n_out,
+           r->stop_reason);
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %d" : "%d", r->tokens[i]);
     printf("], \"token_ns\": [");
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %" PRId64 : "%" PRId64, r->token_ns[i]);
@@ -364,8 +387,56 @@ int main(int argc, char **argv) {
         free_run(&w);
     }
 
+    if (o.serve) {
+        printf("{\"ready\": true, \"contestant\": \"native\", \"n_prompt\": %d, \"t_load_ns\": %" PRId64
+               ", \"rss_start_kb\": %ld, \"rss_before_load_kb\": %ld}\n",
+               n_prompt, t_load1 - t_load0, rss_start_kb, rss_start_kb);
+        fflush(stdout);
+        char line[256];
+        int k = o.prefix_len;
+        while (fgets(line, sizeof(line), stdin)) {
+            if (strncmp(line, "generate", 8) == 0) {
+                int with_busy = strstr(line, "busy") != NULL;
+                pthread_t bt;
+                memset(&bt, 0, sizeof(bt));
+                if (with_busy) bt = busy_start();
+                run_t run;
+                run_generate(&e, prompt, n_prompt, o.n_predict, o.ignore_eos, &run);
+                if (with_busy) busy_end(bt);
+                print_run(&run);
+                printf("\n");
+                free_run(&run);
+            } else if (strncmp(line, "turn1", 5) == 0) {
+                if (k < 1 || k >= n_prompt) die("--prefix-len must be in 1..n_prompt-1");
+                llama_memory_clear(llama_get_memory(ctx), true);
+                if (decode(&e, prompt, k, 0) != 0) die("turn-1 decode failed");
+                printf("{}\n");
+            } else if (strncmp(line, "turn2", 5) == 0) {
+                if (k < 1 || k >= n_prompt) die("--prefix-len must be in 1..n_prompt-1");
+                int reuse = strstr(line, "reuse") != NULL;
+                printf("{\"ttft_ns\": %" PRId64 "}\n", turn2_ttft(&e, prompt, n_prompt, reuse ? k : 0));
+            } else if (strncmp(line, "exit", 4) == 0) {
+                struct rusage ru;
+                getrusage(RUSAGE_SELF, &ru);
+                printf("{\"maxrss_kb\": %ld}\n", ru.ru_maxrss);
+                fflush(stdout);
+                break;
+            } else {
+                printf("{\"error\": \"unknown command\"}\n");
+            }
+            fflush(stdout);
+        }
+        llama_batch_free(e.batch);
+        llama_sampler_free(smpl);
+        llama_free(ctx);
+        llama_model_free(model);
+        free(prompt);
+        return 0;
+    }
+
     pthread_t busy;
-    if (o.busy_thread && pthread_create(&busy, NULL, busy_main, NULL) != 0) die("pthread_create failed");
+    memset(&busy, 0, sizeof(busy));
+    if (o.busy_thread) busy = busy_start();
 
     printf("{\"contestant\": \"native\", \"mode\": \"%s\", \"n_prompt\": %d, \"n_threads\": %d, "
            "\"n_ctx\": %u, \"n_batch\": %u, \"flash_attn\": %s, \"t_load_ns\": %" PRId64 ", ",
@@ -395,10 +466,7 @@ int main(int argc, char **argv) {
     } else {
         usage();
     }
-    if (o.busy_thread) {
-        __atomic_store_n(&busy_stop, 1, __ATOMIC_RELAXED);
-        pthread_join(busy, NULL);
-    }
+    if (o.busy_thread) busy_end(busy);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("\"busy_thread\": %s, \"rss_start_kb\": %ld, \"maxrss_kb\": %ld}\n", o.busy_thread ? "true" : "false",

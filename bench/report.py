@@ -309,7 +309,10 @@ def markdown(a: dict[str, Any], meta: dict[str, Any]) -> str:
     bi = meta["build_info"]
     L.append(f"- CPU: {meta['cpu_model']}, {meta['cpu_count']} logical cores; threads used: {meta['threads']}")
     L.append(f"- load average at start / end: {' '.join(f'{x:.2f}' for x in meta['loadavg_start'])} / "
-             f"{' '.join(f'{x:.2f}' for x in meta['loadavg_end'])}")
+             f"{' '.join(f'{x:.2f}' for x in meta['loadavg_end'])}"
+             + (f"; 1-minute load before each job: min {min(meta['loadavg_jobs']):.2f}, median "
+                f"{statistics.median(meta['loadavg_jobs']):.2f}, max {max(meta['loadavg_jobs']):.2f}"
+                if meta.get("loadavg_jobs") else ""))
     L.append(f"- {meta['platform']}, Python {meta['python']}")
     L.append(f"- xybrid {meta['xybrid_version']}, llama.cpp {meta['llama_cpp_commit']}; build: "
              + ", ".join(f"{k}={v}" for k, v in bi.items() if k not in ("VERSION", "LLAMA_CPP_COMMIT")))

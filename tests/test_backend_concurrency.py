@@ -104,16 +104,19 @@ def test_gil_is_released_while_generating(gemma_backend: LlamaCppBackend) -> Non
     outputs = []
     try:
         time.sleep(0.05)
-        solo = _counting_rate(lambda: time.sleep(0.5), counter)
+        solo_before = _counting_rate(lambda: time.sleep(0.4), counter)
         during_generate = _counting_rate(lambda: outputs.append(b.generate(msgs, cfg)), counter)
         b.reset_cache()
         during_stream = _counting_rate(lambda: outputs.append(list(b.stream(msgs, cfg))), counter)
+        solo_after = _counting_rate(lambda: time.sleep(0.4), counter)
     finally:
         stop.set()
         thread.join()
     assert outputs[0].tokens_generated == 24
     assert outputs[1][-1].cumulative_text == outputs[0].text
+    solo = (solo_before + solo_after) / 2
     assert solo > 0
-    # Generous: the machine is shared, but a held GIL would give ~0.
-    assert during_generate > 0.3 * solo, (during_generate, solo)
-    assert during_stream > 0.3 * solo, (during_stream, solo)
+    # Generous (the machine is shared, and the counter shares the cores with
+    # the generation); a GIL held through the call would give about 0.
+    assert during_generate > 0.25 * solo, (during_generate, solo_before, solo_after)
+    assert during_stream > 0.25 * solo, (during_stream, solo_before, solo_after)

@@ -21,6 +21,10 @@ tiny llama model (whose F16 kernels are batch invariant: bit-identical
 logits, checked below), and the Gemma multi-turn test compares a conversation
 whose answers are confident. Likewise a Gemma test that repeats a prompt and
 wants the same output calls ``reset_cache()`` first.
+
+The backend keeps reused prefixes on a multiple of ``_PREFIX_ALIGN`` tokens
+(32) to keep the row grouping of a cached run equal to a fresh one, so the
+conversations here start with a system prompt long enough for that.
 """
 
 from __future__ import annotations
@@ -38,11 +42,47 @@ from xybrid.errors import (
     ModelNotLoadedError,
     XybridError,
 )
+from xybrid.llama_cpp_backend import _PREFIX_ALIGN as ALIGN
 from xybrid.llama_cpp_backend import LlamaCppBackend, execution_provider
 from xybrid.streaming import CHAT_STOP_PATTERNS
 from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig
 
 GREEDY = GenerationConfig.greedy
+
+#: Over ALIGN tokens with any of the tokenizers used here.
+LONG_SYSTEM = ("You are a careful and friendly assistant. You answer every question in short, "
+               "plain sentences, you never make things up, and you say so when you do not know.")
+GEO_SYSTEM = ("You are a careful and friendly geography assistant. You answer every question "
+              "about countries, cities and rivers with the name of one city and nothing else, "
+              "in plain text.")
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def aligned(n: int) -> int:
+    """What the backend keeps of an n-token reusable prefix."""
+    return n - n % ALIGN
+
+
+def assert_reused(out: GenerationOutput, cached_prompt: list[int],
+                  previous: GenerationOutput, prompt: list[int]) -> None:
+    """``out`` (for ``prompt``) reused the cache left by ``previous`` (for
+    ``cached_prompt``): at least the common part of the two prompts, at most
+    what also matches the previous reply's tokens, on an ALIGN boundary."""
+    limit = len(prompt) - 1
+    low = aligned(min(common_prefix(cached_prompt, prompt), limit))
+    high = aligned(min(common_prefix(list(cached_prompt) + list(previous.token_ids), prompt),
+                       limit))
+    assert out.prompt_tokens == len(prompt)
+    assert 0 < low <= out.cached_prompt_tokens <= high
+    assert out.cached_prompt_tokens % ALIGN == 0
 
 
 class Boom(Exception):
@@ -181,7 +221,7 @@ def test_multi_turn_reuses_prefix_and_matches_full_prefill(
     the cached prefix and produces exactly what a cleared cache produces."""
     assert tiny.last_cached_prefix_len() is None  # before any call
     cfg = GREEDY(max_tokens=12)
-    history = [ChatMessage.system("You are terse."), ChatMessage.user("Hello there")]
+    history = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Hello there")]
     first = tiny.generate(history, cfg)
     assert first.cached_prompt_tokens == 0
     assert tiny.last_cached_prefix_len() == 0
@@ -191,10 +231,7 @@ def test_multi_turn_reuses_prefix_and_matches_full_prefill(
         history = history + [ChatMessage.assistant(first.text), ChatMessage.user(user)]
         prompt = chat_tokens(tiny, history)
         out = tiny.generate(history, cfg)
-        assert out.prompt_tokens == len(prompt)
-        # At least the whole previous prompt was served from the cache.
-        assert out.cached_prompt_tokens >= len(previous_prompt)
-        assert out.cached_prompt_tokens < out.prompt_tokens
+        assert_reused(out, previous_prompt, first, prompt)
         assert tiny.last_cached_prefix_len() == out.cached_prompt_tokens
         assert_same_reply(out, fresh_output(tiny_ref, history, cfg))
         first, previous_prompt = out, prompt
@@ -202,11 +239,13 @@ def test_multi_turn_reuses_prefix_and_matches_full_prefill(
 
 def test_identical_prompt_reuses_all_but_the_last_token(
         tiny: LlamaCppBackend, tiny_ref: LlamaCppBackend) -> None:
-    msgs = [ChatMessage.user("Same question twice.")]
+    msgs = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Same question twice.")]
     cfg = GREEDY(max_tokens=6)
     a = tiny.generate(msgs, cfg)
     b = tiny.generate(msgs, cfg)
-    assert b.cached_prompt_tokens == b.prompt_tokens - 1
+    # Capped one short of the prompt (its last token is decoded again for the
+    # logits), then aligned.
+    assert b.cached_prompt_tokens == aligned(b.prompt_tokens - 1) > 0
     assert_same_reply(a, b)
     assert_same_reply(b, fresh_output(tiny_ref, msgs, cfg))
 
@@ -215,19 +254,17 @@ def test_gemma_second_turn_reuses_the_cache(gemma_backend: LlamaCppBackend) -> N
     b = gemma_backend
     assert b.last_cached_prefix_len() is None  # reset_cache() forgets everything
     cfg = GREEDY(max_tokens=8)
-    turn1 = [ChatMessage.system("Answer with one word."),
-             ChatMessage.user("What is the capital of France?")]
+    turn1 = [ChatMessage.system(GEO_SYSTEM), ChatMessage.user("What is the capital of France?")]
     first = b.generate(turn1, cfg)
     assert first.cached_prompt_tokens == 0 and b.last_cached_prefix_len() == 0
     assert first.prompt_tokens == len(chat_tokens(b, turn1))
     # The assistant turn is a fixed reply (not the model's), so the reused
-    # prefix is exactly the first prompt; see the module docstring.
+    # prefix lies in the first prompt; see the module docstring.
     turn2 = turn1 + [ChatMessage.assistant("Paris."),
                      ChatMessage.user("And what is the capital of Germany?")]
     second = b.generate(turn2, cfg)
-    assert second.cached_prompt_tokens >= first.prompt_tokens
+    assert_reused(second, chat_tokens(b, turn1), first, chat_tokens(b, turn2))
     assert second.cached_prompt_tokens == b.last_cached_prefix_len() > 0
-    assert second.prompt_tokens == len(chat_tokens(b, turn2))
     assert "Berlin" in second.text
     b.reset_cache()
     assert b.last_cached_prefix_len() is None
@@ -236,12 +273,39 @@ def test_gemma_second_turn_reuses_the_cache(gemma_backend: LlamaCppBackend) -> N
     assert_same_reply(second, cleared)
 
 
+def test_cache_holds_only_decoded_tokens(gemma_backend: LlamaCppBackend) -> None:
+    """The last sampled token of a reply is never decoded into the KV cache,
+    so a next prompt that continues the reply must not count it as cached.
+    Built so that the aligned reusable prefix would end exactly after that
+    token if the backend believed it was in the cache (llama.cpp would then
+    decode the tail with a hole at position 2*ALIGN - 1)."""
+    b = gemma_backend
+    target = 2 * ALIGN  # prompt + reply tokens
+    for prefix in ("Let us count: ", "We count: ", "Counting: ", "Count up now: "):
+        p1 = prefix + ", ".join(str(i) for i in range(1, 12)) + ","
+        t1 = b.model.tokenize(p1, add_special=True, parse_special=True)
+        if ALIGN <= len(t1) and (target - len(t1)) % 4 == 0:  # whole " NN," groups
+            break
+    else:
+        pytest.fail("no prompt of the wanted length")
+    first = b.generate_raw(p1, GREEDY(max_tokens=target - len(t1)))
+    assert first.finish_reason == "length" and first.text.endswith(",")
+    p2 = p1 + first.text + " 99, 100, 101,"
+    t2 = b.model.tokenize(p2, add_special=True, parse_special=True)
+    assert t2[:target] == t1 + list(first.token_ids)  # the premise
+    second = b.generate_raw(p2, GREEDY(max_tokens=6))
+    # Cached: the prompt and the decoded reply tokens, one short of target.
+    assert second.cached_prompt_tokens == aligned(target - 1)
+    b.reset_cache()
+    assert_same_reply(second, b.generate_raw(p2, GREEDY(max_tokens=6)))
+
+
 @pytest.mark.parametrize("kind", ["recurrent", "hybrid"])
 def test_recurrent_and_hybrid_models_take_the_full_clear_path(
         kind: str, tiny_recurrent_path: Path, tiny_hybrid_path: Path) -> None:
     path = tiny_recurrent_path if kind == "recurrent" else tiny_hybrid_path
     cfg = GREEDY(max_tokens=10)
-    history = [ChatMessage.system("You are terse."), ChatMessage.user("Hello there")]
+    history = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Hello there")]
     with LlamaCppBackend(tiny_config(path)) as b, LlamaCppBackend(tiny_config(path)) as ref:
         assert b.model.has_recurrent_state
         assert (b.model.is_recurrent, b.model.is_hybrid) == (
@@ -275,7 +339,7 @@ def test_recurrent_and_hybrid_models_take_the_full_clear_path(
 def test_overflowing_turn_takes_the_full_clear_path(
         tiny_llama_path: Path) -> None:
     config = tiny_config(tiny_llama_path, context_length=256)
-    turn1 = [ChatMessage.system("You are terse."), ChatMessage.user("Hello there")]
+    turn1 = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Hello there")]
     turn2 = turn1 + [ChatMessage.assistant("Hi."), ChatMessage.user("Tell me a long story.")]
     with LlamaCppBackend(config) as b, LlamaCppBackend(config) as ref:
         n_ctx = b.context_length()
@@ -301,7 +365,7 @@ def test_overflowing_turn_takes_the_full_clear_path(
 def test_prompt_longer_than_the_context_raises(tiny: LlamaCppBackend,
                                                tiny_ref: LlamaCppBackend) -> None:
     cfg = GREEDY(max_tokens=6)
-    ok = [ChatMessage.user("Hello there")]
+    ok = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Hello there")]
     before = tiny.generate(ok, cfg)
     n_ctx = tiny.context_length()
     assert n_ctx is not None
@@ -319,7 +383,7 @@ def test_prompt_longer_than_the_context_raises(tiny: LlamaCppBackend,
     # The backend is unharmed: the previous conversation is still cached and
     # the reply is unchanged.
     again = tiny.generate(ok, cfg)
-    assert again.cached_prompt_tokens == again.prompt_tokens - 1
+    assert again.cached_prompt_tokens == aligned(again.prompt_tokens - 1) > 0
     assert_same_reply(before, again)
     follow = ok + [ChatMessage.assistant(before.text), ChatMessage.user("More.")]
     assert_same_reply(tiny.generate(follow, cfg), fresh_output(tiny_ref, follow, cfg))
@@ -329,7 +393,7 @@ def test_prompt_longer_than_the_context_raises(tiny: LlamaCppBackend,
 # failed and cancelled generations reset the cache
 # ---------------------------------------------------------------------------
 
-TURN1 = [ChatMessage.system("You are terse."), ChatMessage.user("Hello there")]
+TURN1 = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Hello there")]
 TURN2 = TURN1 + [ChatMessage.assistant("Hi."), ChatMessage.user("Tell me more.")]
 
 
@@ -561,9 +625,10 @@ TO_DICT_KEYS = {
 
 def test_telemetry_fields(gemma_backend: LlamaCppBackend) -> None:
     b = gemma_backend
-    out = b.generate(POEM, GREEDY(max_tokens=8))
+    turn1 = [ChatMessage.system(GEO_SYSTEM), ChatMessage.user("Write a short poem.")]
+    out = b.generate(turn1, GREEDY(max_tokens=8))
     assert out.tokens_generated == len(out.token_ids) == 8
-    assert out.prompt_tokens == len(chat_tokens(b, POEM))
+    assert out.prompt_tokens == len(chat_tokens(b, turn1))
     assert out.cached_prompt_tokens == 0
     assert out.ttft_ms is not None and out.ttft_ms > 0
     assert out.decode_tps is not None and out.decode_tps > 0
@@ -595,7 +660,7 @@ def test_telemetry_fields(gemma_backend: LlamaCppBackend) -> None:
     assert 0.5 < out.decode_tps / llama_tps < 2.0
 
     # A second turn reports what it reused.
-    follow = POEM + [ChatMessage.assistant("Waves."), ChatMessage.user("Another one.")]
+    follow = turn1 + [ChatMessage.assistant("Waves."), ChatMessage.user("Another one.")]
     out2 = b.generate(follow, GREEDY(max_tokens=4))
     assert out2.cached_prompt_tokens > 0
     assert out2.to_dict()["prompt_cached_tokens"] == out2.cached_prompt_tokens

@@ -240,3 +240,18 @@ def test_default_fallback_errors_propagate(gemma_backend: LlamaCppBackend) -> No
     assert not b.is_loaded
     with pytest.raises(ModelNotLoadedError):
         list(b.stream(POEM, cfg))
+
+
+def test_calling_the_backend_inside_its_own_stream_is_an_error_not_a_hang(
+        tiny_llama_path) -> None:  # type: ignore[no-untyped-def]
+    from xybrid import ChatMessage, GenerationConfig, LlamaCppBackend, LlmConfig, XybridError
+
+    with LlamaCppBackend(LlmConfig(tiny_llama_path, context_length=256, n_threads=1,
+                                   chat_template="chatml")) as llm:
+        config = GenerationConfig.greedy(max_tokens=8)
+        stream = llm.stream([ChatMessage.user("hi")], config)
+        next(stream)
+        with pytest.raises(XybridError, match="already running"):
+            llm.generate([ChatMessage.user("again")], config)
+        stream.close()
+        assert llm.generate([ChatMessage.user("again")], config).tokens_generated >= 1

@@ -11,6 +11,9 @@ from pathlib import Path
 from xybrid.cli import build_parser
 from xybrid.chat_cli import run_chat
 
+# Long enough that the reused prefix passes the backend's alignment (32 tokens).
+SYSTEM = ("You are a careful and friendly assistant. You answer every question in short, "
+          "plain sentences, and you never make things up.")
 REUSED = re.compile(r"\[(\d+) prompt tokens reused from the cache; finish: (\w+)\]")
 
 
@@ -25,7 +28,7 @@ def test_chat_subprocess_two_turns_reset_exit(tmp_path: Path) -> None:
     ]) + "\n"
     proc = subprocess.run(
         [sys.executable, "-m", "xybrid", "chat", "--threads", "1", "--ctx-size", "1024",
-         "--max-tokens", "8", "--temperature", "0", "--system", "Answer briefly."],
+         "--max-tokens", "8", "--temperature", "0", "--system", SYSTEM],
         input=script, capture_output=True, text=True, timeout=180,
         cwd=tmp_path,  # not the source tree: import the installed package
     )
@@ -45,7 +48,8 @@ def test_chat_subprocess_two_turns_reset_exit(tmp_path: Path) -> None:
 def test_chat_in_process_commands_and_end_of_input(tiny_llama_path: Path) -> None:
     args = build_parser().parse_args([
         "chat", "--model", str(tiny_llama_path), "--threads", "1", "--ctx-size", "512",
-        "--max-tokens", "6", "--temperature", "0", "--chat-template", "chatml"])
+        "--max-tokens", "6", "--temperature", "0", "--chat-template", "chatml",
+        "--system", SYSTEM])
     stdin = io.StringIO("Hello\n\n/bogus\nAgain\n")  # no /exit: ends at end of input
     stdout = io.StringIO()
     assert run_chat(args, stdin=stdin, stdout=stdout) == 0
@@ -55,3 +59,18 @@ def test_chat_in_process_commands_and_end_of_input(tiny_llama_path: Path) -> Non
     reused = [int(n) for n, _ in REUSED.findall(out)]
     assert len(reused) == 2
     assert reused[0] == 0 and reused[1] > 0
+
+
+def test_chat_survives_a_conversation_that_outgrows_the_context(tiny_llama_path: Path) -> None:
+    args = build_parser().parse_args([
+        "chat", "--model", str(tiny_llama_path), "--threads", "1", "--ctx-size", "256",
+        "--max-tokens", "4", "--temperature", "0", "--chat-template", "chatml"])
+    long_message = " ".join(["word"] * 150)  # two of them do not fit in 256 tokens
+    stdin = io.StringIO(f"{long_message}\n{long_message}\n/reset\nHello\n/exit\n")
+    stdout = io.StringIO()
+    assert run_chat(args, stdin=stdin, stdout=stdout) == 0
+    out = stdout.getvalue()
+    assert "do not fit the context window" in out
+    # The first turn, then (after the refused one and /reset) the last turn.
+    assert len(REUSED.findall(out)) == 2
+    assert out.index("do not fit") < out.index("(conversation reset)")

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import TextIO
 
+from xybrid.errors import ContextOverflowError
 from xybrid.types import ChatMessage, GenerationConfig, LlmConfig
 
 __all__ = ["run_chat"]
@@ -62,12 +63,19 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None,
                 continue
             history.append(ChatMessage.user(text))
             final = None
-            for piece in llm.stream(history, gen):
-                if piece.finish_reason is not None:
-                    final = piece
-                    break
-                out.write(piece.text)
+            try:
+                for piece in llm.stream(history, gen):
+                    if piece.finish_reason is not None:
+                        final = piece
+                        break
+                    out.write(piece.text)
+                    out.flush()
+            except ContextOverflowError as exc:
+                # Refused before anything ran: drop the turn, keep the session.
+                history.pop()
+                out.write(f"({exc}; /reset starts a new conversation)\n")
                 out.flush()
+                continue
             reply = final.cumulative_text if final else ""
             history.append(ChatMessage.assistant(reply))
             cached = llm.last_cached_prefix_len() or 0

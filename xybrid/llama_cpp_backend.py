@@ -194,7 +194,10 @@ class LlamaCppBackend(LlmBackend):
     """
 
     def __init__(self, config: LlmConfig | None = None) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a call made from inside this backend's own stream loop
+        # (same thread) then fails fast with "a generation is already running"
+        # instead of waiting for a lock its own thread holds.
+        self._lock = threading.RLock()
         self._loaded: _Loaded | None = None
         self._cache = PrefixCacheState()
         if config is not None:

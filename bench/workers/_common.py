@@ -2,11 +2,11 @@
 
 A worker is started by the harness as ``python <worker>.py SPEC.json``, with
 the contestant's own interpreter (xybrid's ``.venv`` or the llama-cpp-python
-venv), does one workload and prints one JSON object on its last stdout line.
+venv). It loads the model of one workload, warms up, prints a "ready" line,
+then answers the harness's commands (one JSON line in, one out; see
+:func:`serve`), so that the harness can alternate contestants run by run.
 This module has no dependency beyond the standard library, so it works in
 both environments.
-
-The protocol (spec in, result out) is documented in ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import sys
 import threading
 import time
@@ -80,63 +79,55 @@ def load_spec() -> dict[str, Any]:
         return json.load(fh)
 
 
-def run_workload(spec: dict[str, Any], contestant: str, make_variant: Callable[[str, dict[str, Any]], Any],
-                 variant_names: list[str], rss_at_start: int) -> dict[str, Any]:
-    """Drive one workload over the given variants of a contestant.
+def serve(spec: dict[str, Any], contestant: str, make_variant: Callable[[str, dict[str, Any]], Any],
+          variant_names: list[str], rss_at_start: int) -> None:
+    """Load, warm up, say ready, then obey one JSON command per stdin line.
 
     ``make_variant(name, spec)`` returns an object with
-    ``generate(tokens, n_predict) -> Run`` and
+    ``generate(tokens, n_predict) -> Run``, ``turn1(prefix)`` and
     ``turn2(tokens, prefix_len, reuse) -> int`` (TTFT in ns); the first
     variant created loads the model, the others share it.
+
+    Commands (the harness sends them, alternating the contestants):
+    ``{"op": "generate", "variant": V, "busy": bool}`` -> a Run;
+    ``{"op": "turn1"}`` -> {}; ``{"op": "turn2", "variant": V, "reuse": bool}``
+    -> {"ttft_ns": n}; ``{"op": "exit"}`` -> {"maxrss_kb": n}.
     """
-    workload = spec["workload"]
     tokens: list[int] = spec["prompt_tokens"]
     n_predict: int = spec["n_predict"]
-    reps: int = spec.get("reps", 1)
-    out: dict[str, Any] = {"contestant": contestant, "workload": workload, "variants": {}}
     rss_before_load = rss_kb()
     t0 = now_ns()
-    variants = [make_variant(name, spec) for name in variant_names]
-    out["t_load_ns"] = now_ns() - t0
-
-    if workload == "multiturn":
-        # Turn 1 leaves the shared prefix in the cache; each variant then
-        # times turn 2 with that prefix reused, then with the cache cleared.
-        # (turn2 with reuse=True must work from a cache that holds the prefix
-        # and possibly more: what the previous variant left.)
-        prefix_len = spec["prefix_len"]
-        variants[0].turn1(tokens[:prefix_len])
-        for name, v in zip(variant_names, variants):
-            reuse = [v.turn2(tokens, prefix_len, True) for _ in range(reps)]
-            cleared = [v.turn2(tokens, prefix_len, False) for _ in range(spec.get("reps_cleared", reps))]
-            out["variants"][name] = {"ttft_reuse_ns": reuse, "ttft_cleared_ns": cleared}
-    else:
-        warmup = spec.get("warmup", 0)
-        if warmup:
-            for v in variants:
-                v.generate(tokens[:64], warmup)
-        busy = BusyThread() if spec.get("busy") else None
-        if busy:
-            busy.__enter__()
-        try:
-            for name, v in zip(variant_names, variants):
-                runs = [v.generate(tokens, n_predict) for _ in range(reps)]
-                out["variants"][name] = {"runs": [asdict(r) for r in runs]}
-        finally:
-            if busy:
-                busy.__exit__()
-        if busy:
-            out["busy_loop_iterations"] = busy.count
-    out["rss_start_kb"] = rss_at_start
-    out["rss_before_load_kb"] = rss_before_load
-    out["maxrss_kb"] = maxrss_kb()
-    return out
+    variants = {name: make_variant(name, spec) for name in variant_names}
+    t_load = now_ns() - t0
+    warmup = spec.get("warmup", 0)
+    if warmup:
+        for v in variants.values():
+            v.generate(tokens[:64], warmup)
+    emit({"ready": True, "contestant": contestant, "t_load_ns": t_load, "rss_start_kb": rss_at_start,
+          "rss_before_load_kb": rss_before_load, **getattr(variants[variant_names[0]], "facts", {})})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "generate":
+            v = variants[cmd["variant"]]
+            if cmd.get("busy"):
+                with BusyThread():
+                    run = v.generate(tokens, n_predict)
+            else:
+                run = v.generate(tokens, n_predict)
+            emit(asdict(run))
+        elif op == "turn1":
+            variants[variant_names[0]].turn1(tokens[: spec["prefix_len"]])
+            emit({})
+        elif op == "turn2":
+            emit({"ttft_ns": variants[cmd["variant"]].turn2(tokens, spec["prefix_len"], cmd["reuse"])})
+        elif op == "exit":
+            emit({"maxrss_kb": maxrss_kb()})
+            return
+        else:
+            emit({"error": f"unknown op {op!r}"})
 
 
 def emit(result: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))

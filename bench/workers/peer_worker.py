@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import Run, emit, load_spec, now_ns, rss_kb, run_workload
+from _common import Run, load_spec, now_ns, rss_kb, serve
 
 RSS_START = rss_kb()
 
@@ -47,6 +47,7 @@ class Completion:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.llm = _llama(spec)
+        self.facts = {"llama_cpp_python_version": llama_cpp.__version__}
         s = spec["sampler"]
         self.kwargs = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                            min_p=s["min_p"], typical_p=1.0, repeat_penalty=1.0,
@@ -134,9 +135,7 @@ VARIANTS: dict[str, type] = {
 
 def main() -> None:
     spec = load_spec()
-    result = run_workload(spec, "llama-cpp-python", lambda name, s: VARIANTS[name](s), spec["variants"], RSS_START)
-    result["llama_cpp_python_version"] = llama_cpp.__version__
-    emit(result)
+    serve(spec, "llama-cpp-python", lambda name, s: VARIANTS[name](s), spec["variants"], RSS_START)
 
 
 if __name__ == "__main__":

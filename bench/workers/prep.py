@@ -43,7 +43,8 @@ def main() -> None:
     descriptions: dict[str, str] = {}
     for key, path in models.items():
         m = _engine.Model(path, vocab_only=True)
-        descriptions[key] = m.description
+        descriptions[key] = " ".join(x for x in (m.meta("general.name"), m.architecture,
+                                                 f"{os.path.getsize(path) / 2**20:.1f} MiB") if x)
         tokens[key] = {}
         for name, item in req["prompts"].items():
             ids = m.tokenize(item["text"], add_special=item.get("add_special", True))

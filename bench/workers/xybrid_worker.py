@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import Run, emit, load_spec, now_ns, rss_kb, run_workload
+from _common import Run, load_spec, now_ns, rss_kb, serve
 
 RSS_START = rss_kb()
 
@@ -113,8 +113,7 @@ VARIANTS: dict[str, type] = {
 
 def main() -> None:
     spec = load_spec()
-    result = run_workload(spec, "xybrid", lambda name, s: VARIANTS[name](s), spec["variants"], RSS_START)
-    emit(result)
+    serve(spec, "xybrid", lambda name, s: VARIANTS[name](s), spec["variants"], RSS_START)
 
 
 if __name__ == "__main__":
