@@ -1,8 +1,8 @@
 # Declarations of the public C API of mtmd.h (multimodal input for llama.cpp)
 # and the helpers of mtmd-helper.h that evaluate tokenized chunks.
 #
-# The audio *generation* part of mtmd.h (mtmd_gen_*) is declared as opaque
-# structs only: xybrid consumes media, it does not synthesise speech.
+# The audio *generation* part of mtmd.h (mtmd_gen_*) is left out: xybrid
+# consumes media, it does not synthesise speech.
 
 from libc.stdint cimport int32_t, uint32_t
 from xybrid._native.llama cimport (
