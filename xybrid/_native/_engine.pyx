@@ -48,6 +48,8 @@ cdef extern from "engine_support.h" nogil:
     void xy_log_callback(ggml_log_level level, const char * text, void * user_data)
     void xy_log_set_print_level(int level)
     size_t xy_log_take(char * out, size_t cap)
+    llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
+                          int32_t idx, llama_token_data * cur, int32_t n_vocab)
 
 
 cdef extern from "<pthread.h>" nogil:

@@ -24,6 +24,7 @@ cdef enum:
     ERR_PREFILL = 1
     ERR_DECODE = 2
     ERR_NO_MEMORY = 3
+    ERR_SAMPLE = 4
 
 cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
 
@@ -33,6 +34,9 @@ cdef struct GenState:
     llama_context * ctx
     const llama_vocab * vocab
     llama_sampler * smpl
+    llama_sampler * grammar     # NULL without a grammar
+    llama_token_data * candidates
+    int32_t n_vocab
     llama_batch * batch
     int32_t n_batch
     int32_t n_ctx
@@ -230,8 +234,12 @@ cdef void gen_run(GenState * g) noexcept nogil:
         if xy_atomic_load(&g.cancel):
             gen_finish(g, REASON_CANCELLED)
             return
-        tok = llama_sampler_sample(g.smpl, g.ctx, -1)
+        tok = xy_sample(g.smpl, g.grammar, g.ctx, -1, g.candidates, g.n_vocab)
         g.token_ns[g.n_out] = xy_now_ns()
+        if tok < 0:
+            g.error_kind = ERR_SAMPLE
+            gen_finish(g, REASON_ERROR)
+            return
         if llama_vocab_is_eog(g.vocab, tok):
             gen_finish(g, REASON_EOG)
             return
@@ -366,6 +374,9 @@ cdef class Generation:
         g.ctx = context.ptr
         g.vocab = context.model.vocab
         g.smpl = sampler.ptr
+        g.grammar = sampler.grammar
+        g.candidates = sampler.candidates
+        g.n_vocab = sampler.n_vocab
         g.batch = &context.batch
         g.n_batch = context.n_batch_alloc
         g.n_ctx = n_ctx
@@ -410,6 +421,8 @@ cdef class Generation:
         # A sampler carries state between tokens (penalty window, grammar
         # position); every generation starts it afresh.
         llama_sampler_reset(sampler.ptr)
+        if sampler.grammar != NULL:
+            llama_sampler_reset(sampler.grammar)
         return 0
 
     cdef int start_thread(self) except -1:
@@ -586,6 +599,9 @@ cdef class Generation:
         g = &self.g
         if g.error_kind == ERR_NO_MEMORY:
             return MemoryError("out of memory while collecting generated text")
+        if g.error_kind == ERR_SAMPLE:
+            return GenerationError("sampling found no candidate token (the grammar may allow "
+                                   "nothing at this point)")
         stage = "prefill" if g.error_kind == ERR_PREFILL else "decode"
         return GenerationError(f"llama_decode failed during {stage} with code {g.error_code}"
                                + _decode_hint(g.error_code))

@@ -8,19 +8,27 @@ DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a fresh random seed per chain
 cdef class Sampler:
     """A llama.cpp sampler chain.
 
-    The chain is, in order: grammar (when given), penalties (when any is
-    active), then either greedy (``temperature <= 0``) or top-k, top-p, min-p,
-    temperature and a seeded draw. The grammar is checked by llama.cpp when the
-    chain is built; a grammar it cannot parse raises
+    The chain is, in order: penalties (when any is active), then either
+    greedy (``temperature <= 0``) or top-k, top-p, min-p, temperature and a
+    seeded draw. A grammar is kept beside the chain and enforced by rejection
+    sampling (see ``xy_sample`` in engine_support.h): the chain picks a token,
+    the grammar vets only that token, and only a rejected pick costs a scan of
+    the whole vocabulary. llama.cpp parses the grammar when the sampler is
+    built; a grammar it cannot parse raises
     :class:`~xybrid.errors.GrammarError`.
     """
 
     cdef llama_sampler * ptr
+    cdef llama_sampler * grammar        # owned separately from the chain
+    cdef llama_token_data * candidates  # n_vocab scratch entries for the grammar path
+    cdef int32_t n_vocab
     cdef Model model
     cdef readonly dict params
 
     def __cinit__(self):
         self.ptr = NULL
+        self.grammar = NULL
+        self.candidates = NULL
 
     def __init__(self, Model model not None, *, double temperature=0.0, int top_k=0,
                  double top_p=1.0, double min_p=0.0, double repeat_penalty=1.0,
@@ -72,11 +80,14 @@ cdef class Sampler:
             bgrammar = grammar.encode("utf-8")
             broot = grammar_root.encode("utf-8")
             take_log_tail()
-            stage = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
-            if stage == NULL:
+            self.grammar = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
+            if self.grammar == NULL:
                 reason = take_log_tail()
                 raise GrammarError("llama.cpp rejected the grammar" + (f": {reason}" if reason else ""))
-            self.add(stage)
+            self.n_vocab = llama_vocab_n_tokens(model.vocab)
+            self.candidates = <llama_token_data *> malloc(self.n_vocab * sizeof(llama_token_data))
+            if self.candidates == NULL:
+                raise MemoryError("cannot allocate the grammar candidate buffer")
         if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
             self.add(llama_sampler_init_penalties(
                 llama_vocab_n_tokens(model.vocab), repeat_last_n,
@@ -103,6 +114,15 @@ cdef class Sampler:
         if self.ptr != NULL:
             llama_sampler_free(self.ptr)
             self.ptr = NULL
+        if self.grammar != NULL:
+            llama_sampler_free(self.grammar)
+            self.grammar = NULL
+        free(self.candidates)
+        self.candidates = NULL
+
+    cdef llama_token draw(self, llama_context * ctx, int32_t index) noexcept nogil:
+        """Sample and accept one token (grammar enforced); -1 without logits."""
+        return xy_sample(self.ptr, self.grammar, ctx, index, self.candidates, self.n_vocab)
 
     def reset(self):
         """Forget accepted tokens (penalty history, grammar state)."""
@@ -111,11 +131,15 @@ cdef class Sampler:
         self.model.check_open()
         if self.ptr != NULL:
             llama_sampler_reset(self.ptr)
+        if self.grammar != NULL:
+            llama_sampler_reset(self.grammar)
 
     def accept(self, int token):
         """Tell the chain a token was emitted (penalties and grammar track it)."""
         self.model.check_token(token)
         llama_sampler_accept(self.ptr, token)
+        if self.grammar != NULL:
+            llama_sampler_accept(self.grammar, token)
 
     def sample(self, Context context not None, int index=-1):
         """Sample (and accept) one token from the logits of output ``index`` of
@@ -130,7 +154,9 @@ cdef class Sampler:
             raise XybridError(f"no logits for output {index} (was it requested in the last decode?)")
         cdef llama_token tok
         with nogil:
-            tok = llama_sampler_sample(self.ptr, context.ptr, index)
+            tok = self.draw(context.ptr, index)
+        if tok < 0:
+            raise GenerationError("sampling found no candidate token")
         return tok
 
     @property

@@ -15,7 +15,11 @@
 #include <string.h>
 #include <time.h>
 
+#include <math.h>
+#include <stdlib.h>
+
 #include "ggml.h"
+#include "llama.h"
 
 static inline int64_t xy_now_ns(void) {
     struct timespec ts;
@@ -61,6 +65,53 @@ static inline size_t xy_utf8_complete_len(const char *buf, size_t len) {
         back++;
     }
     return len;
+}
+
+/* ---- sampling with a grammar ------------------------------------------ *
+ * Applying a grammar to every candidate costs a full vocabulary scan per
+ * token (262k entries for Gemma). Like llama.cpp's own common sampler, we
+ * sample with the plain chain first and ask the grammar only about the chosen
+ * token; only when the grammar rejects it do we apply the grammar to all
+ * candidates and sample again. The result is a token the grammar accepts,
+ * drawn from the same constrained distribution.
+ * `cur` must hold n_vocab entries. Returns -1 when there are no logits. */
+static inline void xy_fill_candidates(llama_token_data *cur, const float *logits, int32_t n_vocab) {
+    for (int32_t i = 0; i < n_vocab; i++) {
+        cur[i].id = i;
+        cur[i].logit = logits[i];
+        cur[i].p = 0.0f;
+    }
+}
+
+static llama_token xy_sample(struct llama_sampler *chain, struct llama_sampler *grammar,
+                             struct llama_context *ctx, int32_t idx,
+                             llama_token_data *cur, int32_t n_vocab) {
+    if (grammar == NULL || cur == NULL) return llama_sampler_sample(chain, ctx, idx);
+    const float *logits = llama_get_logits_ith(ctx, idx);
+    if (logits == NULL) return -1;
+    xy_fill_candidates(cur, logits, n_vocab);
+    llama_token_data_array all = { cur, (size_t)n_vocab, -1, false };
+    llama_sampler_apply(chain, &all);
+    llama_token id = (all.selected >= 0 && (size_t)all.selected < all.size)
+                         ? all.data[all.selected].id : -1;
+    int ok = 0;
+    if (id >= 0) {
+        llama_token_data one = { id, 1.0f, 0.0f };
+        llama_token_data_array single = { &one, 1, -1, false };
+        llama_sampler_apply(grammar, &single);
+        ok = !isinf(one.logit);
+    }
+    if (!ok) {
+        xy_fill_candidates(cur, logits, n_vocab);
+        llama_token_data_array again = { cur, (size_t)n_vocab, -1, false };
+        llama_sampler_apply(grammar, &again);
+        llama_sampler_apply(chain, &again);
+        if (again.selected < 0 || (size_t)again.selected >= again.size) return -1;
+        id = again.data[again.selected].id;
+    }
+    llama_sampler_accept(grammar, id);
+    llama_sampler_accept(chain, id);
+    return id;
 }
 
 /* ---- llama.cpp log sink ------------------------------------------------ */

@@ -130,6 +130,17 @@ cdef extern from "llama.h" nogil:
         llama_seq_id ** seq_id
         int8_t * logits
 
+    ctypedef struct llama_token_data:
+        llama_token id
+        float logit
+        float p
+
+    ctypedef struct llama_token_data_array:
+        llama_token_data * data
+        size_t size
+        int64_t selected
+        bint sorted
+
     ctypedef struct llama_chat_message:
         const char * role
         const char * content
@@ -238,6 +249,7 @@ cdef extern from "llama.h" nogil:
     void llama_sampler_free(llama_sampler * smpl)
     void llama_sampler_reset(llama_sampler * smpl)
     void llama_sampler_accept(llama_sampler * smpl, llama_token token)
+    void llama_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p)
     llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx)
     llama_sampler * llama_sampler_init_greedy()
     llama_sampler * llama_sampler_init_dist(uint32_t seed)
