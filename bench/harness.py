@@ -107,8 +107,10 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
              "decode", "gemma", "short", n, CHAIN, warmup=8),
         Case("overhead", "overhead", f"Overhead-bound: tiny random llama, {n_tiny} tokens, greedy",
              "decode", "tiny", "short", n_tiny, GREEDY, reps=2 if quick else 5, warmup=32),
+        # llama-cpp-python needs seconds per generation here (every ctypes
+        # call gives the GIL away and waits for it again), hence fewer reps.
         Case("busy", "busy", f"Busy interpreter: overhead-bound with a busy Python thread ({n_tiny} tokens)",
-             "decode", "tiny", "short", n_tiny, GREEDY, reps=2 if quick else 5, warmup=32, busy=True),
+             "decode", "tiny", "short", n_tiny, GREEDY, reps=1 if quick else 2, warmup=32, busy=True),
         Case("prefill", "prefill", f"Prefill: {n_long}-token prompt on Gemma 3 270M",
              "prefill", "gemma", "long", 1, GREEDY, warmup=8),
         Case("multiturn", "multiturn",
@@ -307,15 +309,21 @@ def run_case(case: Case, active: list[Contestant], prep: dict[str, Any], args: a
                 results[c.key]["variants"][v].setdefault(key, []).append(ttft)
         return step
 
-    if case.kind == "multiturn":
-        each(lambda c, w: w.ask("turn1"))
-        for _ in range(case.reps):
-            each(turn2(True))
-        for _ in range(case.reps_cleared):
-            each(turn2(False))
-    else:
-        for _ in range(case.reps):
-            each(gen)
+    try:
+        if case.kind == "multiturn":
+            each(lambda c, w: w.ask("turn1"))
+            for _ in range(case.reps):
+                each(turn2(True))
+            for _ in range(case.reps_cleared):
+                each(turn2(False))
+        else:
+            for _ in range(case.reps):
+                each(gen)
+    except BaseException:  # interrupted: leave no process behind
+        for w in workers.values():
+            w.proc.kill()
+            w.kill()
+        raise
     for key, w in list(workers.items()):
         try:
             results[key].update(w.close())
@@ -326,6 +334,34 @@ def run_case(case: Case, active: list[Contestant], prep: dict[str, Any], args: a
 
 
 # --- environment ---------------------------------------------------------------
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat), while the
+    harness itself is idle: what other programs take."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            vals = [int(x) for x in fh.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals[:8]), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (at most ``limit_s``) until other programs use less than
+    ``threshold`` of the CPUs; return the last measured busy fraction."""
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(4)
+        busy = cpu_busy()
+    return busy
+
 
 def cpu_model() -> str:
     try:
@@ -387,7 +423,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="xybrid variants (bench/workers/xybrid_worker.py VARIANTS); the first is the primary")
     p.add_argument("--peer-variants", default="completion,completion-stream")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per subprocess")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per command to a contestant")
+    p.add_argument("--quiet-wait", type=float, default=60,
+                   help="before each workload, wait up to this many seconds for other programs to "
+                        "use under 25%% of the CPUs (0: do not wait; default 60)")
     p.add_argument("--llama-cpp-dir", type=Path, default=REPO / "llama.cpp",
                    help="llama.cpp source tree (headers; vocab files for the tiny model)")
     args = p.parse_args(argv)
@@ -398,6 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds = 1 if args.rounds == 5 else args.rounds
         args.warmup_rounds = 0
+        args.quiet_wait = min(args.quiet_wait, 10)
         args.n_predict = min(args.n_predict, 32)
         args.n_predict_tiny = min(args.n_predict_tiny, 128)
         args.prompt_tokens = min(args.prompt_tokens, 300)
@@ -454,18 +494,22 @@ def main(argv: list[str] | None = None) -> int:
             warm = rnd < args.warmup_rounds
             label = "warm-up" if warm else f"round {rnd - args.warmup_rounds + 1}/{args.rounds}"
             for case in cases:
+                busy = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else cpu_busy(0.5)
                 load = os.getloadavg()[0]
                 t0 = time.monotonic()
-                results = run_case(case, active, prep, args, tmp)
+                # The warm-up round only needs every process to run once.
+                run = dataclasses.replace(case, reps=1, reps_cleared=1) if warm else case
+                results = run_case(run, active, prep, args, tmp)
                 parts = []
                 for c in active:
                     res = results.get(c.key, {"error": "no result"})
                     res["loadavg_1min_before"] = load
+                    res["cpu_busy_before"] = busy
                     parts.append(f"{c.key} " + ("ERROR" if "error" in res else f"{res.get('wall_s', 0):.1f}s"))
                     records.append({"round": rnd - args.warmup_rounds, "warmup": warm, "case": case.name,
                                     "contestant": c.key, "result": res})
                 print(f"[bench] {label:>12}  {case.name:<16} {time.monotonic() - t0:6.1f} s  "
-                      f"(load {load:.1f}; {', '.join(parts)})", flush=True)
+                      f"(others' CPU use before: {busy:.0%}; {', '.join(parts)})", flush=True)
                 for c in active:
                     if "error" in results.get(c.key, {}):
                         print(f"[bench]   {c.key}: {results[c.key]['error']}", flush=True)
@@ -492,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "loadavg_jobs": sorted(r["result"]["loadavg_1min_before"] for r in records),
+        "cpu_busy_jobs": sorted(r["result"]["cpu_busy_before"] for r in records if not r["warmup"]),
         "wall_s": time.monotonic() - started,
     }
     analysis = report.analyse(records, cases, contestants, meta)
