@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,10 +108,16 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
              "decode", "gemma", "short", n, CHAIN, warmup=8),
         Case("overhead", "overhead", f"Overhead-bound: tiny random llama, {n_tiny} tokens, greedy",
              "decode", "tiny", "short", n_tiny, GREEDY, reps=2 if quick else 5, warmup=32),
-        # llama-cpp-python needs seconds per generation here (every ctypes
-        # call gives the GIL away and waits for it again), hence fewer reps.
-        Case("busy", "busy", f"Busy interpreter: overhead-bound with a busy Python thread ({n_tiny} tokens)",
-             "decode", "tiny", "short", n_tiny, GREEDY, reps=1 if quick else 2, warmup=32, busy=True),
+        # Each cycle runs every variant idle, then with the busy thread. Fewer
+        # tokens than `overhead`: llama-cpp-python re-detokenizes the whole
+        # completion at every step, one ctypes call per token, and every call
+        # gives the GIL away and waits up to a switch interval (5 ms) to get
+        # it back, so its time grows with the square of the length: 256
+        # tokens take minutes per generation.
+        Case("busy", "busy", f"Busy interpreter: tiny model, {args.n_predict_busy} tokens, "
+             "idle and beside a busy Python thread",
+             "decode", "tiny", "short", args.n_predict_busy, GREEDY, reps=1 if quick else 3, warmup=32,
+             busy=True),
         Case("prefill", "prefill", f"Prefill: {n_long}-token prompt on Gemma 3 270M",
              "prefill", "gemma", "long", 1, GREEDY, warmup=8),
         Case("multiturn", "multiturn",
@@ -298,6 +305,9 @@ def run_case(case: Case, active: list[Contestant], prep: dict[str, Any], args: a
 
     def gen(c: Contestant, w: Worker) -> None:
         for v in variants(c):
+            if case.busy:  # the idle reference, same process, same length
+                run = w.ask("generate", variant=v, busy=False)
+                results[c.key]["variants"][v].setdefault("idle_runs", []).append(run)
             run = w.ask("generate", variant=v, busy=case.busy)
             results[c.key]["variants"][v].setdefault("runs", []).append(run)
 
@@ -412,6 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads, the same for everyone (default 2)")
     p.add_argument("--n-predict", type=int, default=256, help="decoded tokens on Gemma (default 256)")
     p.add_argument("--n-predict-tiny", type=int, default=256, help="decoded tokens on the tiny model (default 256)")
+    p.add_argument("--n-predict-busy", type=int, default=64,
+                   help="decoded tokens in the busy-interpreter workload (default 64)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="length of the prefill/multi-turn prompt")
     p.add_argument("--ctx", type=int, default=2048, help="n_ctx for everyone (default 2048)")
     p.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch for everyone (default 512)")
@@ -440,14 +452,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.quiet_wait = min(args.quiet_wait, 10)
         args.n_predict = min(args.n_predict, 32)
         args.n_predict_tiny = min(args.n_predict_tiny, 128)
+        args.n_predict_busy = min(args.n_predict_busy, 32)
         args.prompt_tokens = min(args.prompt_tokens, 300)
     if args.prompt_tokens + 80 > args.ctx:
         p.error("--prompt-tokens must leave room for the user turn in --ctx")
     return args
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # clean up workers and temporary files on SIGTERM too
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     out_dir = args.out or (CACHE / "results-quick" if args.quick else RESULTS)

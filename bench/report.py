@@ -51,9 +51,9 @@ def figures(kind: str, v: dict[str, Any], result: dict[str, Any], n_prompt: int)
     f: dict[str, Any] = {}
     if kind in ("decode", "memory"):
         runs = v["runs"]
-        tps = [(r["n_tokens"] - 1) / ((r["t_end_ns"] - r["t_first_ns"]) / 1e9)
-               for r in runs if r["n_tokens"] >= 2 and r["t_end_ns"] > r["t_first_ns"]]
-        f["tps"] = _median(tps) if tps else None
+        f["tps"] = _decode_tps(runs)
+        if v.get("idle_runs"):
+            f["idle_tps"] = _decode_tps(v["idle_runs"])
         f["ttft_ms"] = _median([(r["t_first_ns"] - r["t_start_ns"]) / 1e6 for r in runs])
         f["n_tokens"] = min(r["n_tokens"] for r in runs)
         f["n_chunks"] = _median([r["n_chunks"] for r in runs])
@@ -74,6 +74,12 @@ def figures(kind: str, v: dict[str, Any], result: dict[str, Any], n_prompt: int)
         f["base_mb"] = result["rss_before_load_kb"] / 1024
         f["load_ms"] = result["t_load_ns"] / 1e6
     return f
+
+
+def _decode_tps(runs: list[dict[str, Any]]) -> float | None:
+    tps = [(r["n_tokens"] - 1) / ((r["t_end_ns"] - r["t_first_ns"]) / 1e9)
+           for r in runs if r["n_tokens"] >= 2 and r["t_end_ns"] > r["t_first_ns"]]
+    return _median(tps) if tps else None
 
 
 def _same_tokens(x: list[int], ref: list[int]) -> bool:
@@ -162,12 +168,9 @@ def analyse(records: list[dict[str, Any]], cases: list[Any], contestants: list[A
                     row["vs_peer"] = summary(ratios)
                     row["peer_pair"] = label("peer", pair)
             if case.kind == "decode" and case.busy:
-                idle = per.get("overhead", {}).get(key, {})
-                kept = [f["tps"] / idle[r]["tps"] for r, f in rounds.items()
-                        if r in idle and f.get("tps") and idle[r].get("tps")]
+                kept = [f["tps"] / f["idle_tps"] for f in rounds.values() if f.get("tps") and f.get("idle_tps")]
                 row["kept"] = summary(kept)
-                if idle:
-                    row["idle_tps"] = summary([f["tps"] for f in idle.values() if f.get("tps")])
+                row["idle_tps"] = summary([f["idle_tps"] for f in rounds.values() if f.get("idle_tps")])
             rows.append(row)
         out_cases.append({"name": case.name, "title": case.title, "kind": case.kind, "model": case.model,
                           "n_predict": case.n_predict, "sampler": case.sampler, "busy": case.busy,
@@ -273,8 +276,10 @@ def markdown(a: dict[str, Any], meta: dict[str, Any]) -> str:
                 L.append("| " + " | ".join(cells) + " |")
             if c["busy"]:
                 L.append("")
-                L.append("The native row runs a spinning C thread beside the loop (CPU contention without a "
-                         "GIL): the reference for what the busy thread costs any program on these cores.")
+                L.append("Every contestant runs each generation twice in a row, idle and then beside the busy "
+                         "thread; \"kept\" is the ratio, per round. The native row runs a spinning C thread "
+                         "instead (CPU contention without a GIL): what one more busy thread costs any program "
+                         "on these cores.")
         elif c["kind"] == "multiturn":
             L.append("| contestant | TTFT with prefix reuse ms | TTFT cache cleared ms | reuse speed-up | "
                      "×native (reuse) | ×llama-cpp-python (reuse) |")

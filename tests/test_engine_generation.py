@@ -731,3 +731,30 @@ def test_perf_counters_match_the_tokens(ctx, gemma_model, gemma_greedy, prompt_t
     assert result.perf["n_eval"] == 2
     assert result.n_prompt == len(long_prompt)
     assert ctx.perf() == result.perf
+
+
+def test_streaming_loop_runs_ahead_of_a_slow_consumer(tiny_llama_path) -> None:  # type: ignore[no-untyped-def]
+    # The loop must not wait for the consumer after every token: with a
+    # consumer that takes 20 ms per chunk, 64 fast tokens arrive in a few
+    # chunks, not one chunk per token (regression: the buffer bound was 0).
+    import time as _time
+
+    from xybrid._native import _engine as eng
+
+    model = eng.Model(str(tiny_llama_path))
+    ctx = eng.Context(model, n_ctx=512, n_threads=1)
+    try:
+        chunks: list[str] = []
+
+        def slow(chunk: str) -> None:
+            chunks.append(chunk)
+            _time.sleep(0.02)
+
+        result = ctx.generate(model.tokenize("Hello there"), eng.Sampler(model), max_tokens=64,
+                              on_text=slow)
+        assert len(result.tokens) == 64
+        assert len(chunks) < 16, len(chunks)
+        assert "".join(chunks) == result.text
+    finally:
+        ctx.close()
+        model.close()

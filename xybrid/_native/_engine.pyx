@@ -71,6 +71,11 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_broadcast(pthread_cond_t * cond)
 
 
+# Unread streamed bytes the loop may run ahead of its consumer before it
+# waits. Defined before the includes: default arguments of the def functions
+# in _context.pxi are evaluated when the module initialises, in file order.
+cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
+
 # Forward declarations: the classes refer to each other.
 cdef class Model
 cdef class Context

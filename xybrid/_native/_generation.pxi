@@ -26,8 +26,6 @@ cdef enum:
     ERR_NO_MEMORY = 3
     ERR_SAMPLE = 4
 
-cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
-
 
 cdef struct GenState:
     # inputs (read-only while the loop runs)
