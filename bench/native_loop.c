@@ -306,9 +306,10 @@ static void json_str(const char *s, size_t n) {
 
 static void print_run(const run_t *r) {
     printf("{\"t_start_ns\": %" PRId64 ", \"t_prefill_end_ns\": %" PRId64 ", \"t_first_ns\": %" PRId64
-           ", \"t_end_ns\": %" PRId64 ", \"n_tokens\": %d, \"n_chunks\": 0, \"stop_reason\": \"%s\", \"tokens\": [",
+           ", \"t_end_ns\": %" PRId64 ", \"n_tokens\": %d, \"n_chunks\": 0, \"stop_reason\": \"%s\""
+           ", \"t_loop_first_ns\": %" PRId64 ", \"t_loop_last_ns\": %" PRId64 ", \"tokens\": [",
            r->t_start, r->t_prefill_end, r->n_out ? r->token_ns[0] : r->t_end, r->t_end, r->n_out,
-           r->stop_reason);
+           r->stop_reason, r->n_out ? r->token_ns[0] : 0, r->n_out ? r->token_ns[r->n_out - 1] : 0);
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %d" : "%d", r->tokens[i]);
     printf("], \"token_ns\": [");
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %" PRId64 : "%" PRId64, r->token_ns[i]);

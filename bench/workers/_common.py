@@ -49,6 +49,11 @@ class Run:
     tokens: list[int] = field(default_factory=list)
     n_chunks: int = 0
     stop_reason: str = ""
+    # The engine's own timestamps of the first and last sampled token, where
+    # the contestant has them: the pace of the loop itself, whatever the
+    # consumer does.
+    t_loop_first_ns: int = 0
+    t_loop_last_ns: int = 0
 
 
 class BusyThread:

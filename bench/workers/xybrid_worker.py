@@ -40,6 +40,10 @@ def _model_and_context(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     return _shared["model"], _shared["ctx"], _shared["sampler"]
 
 
+def _loop(res: Any) -> tuple[int, int]:
+    return (res.token_ns[0], res.token_ns[-1]) if res.token_ns else (0, 0)
+
+
 class Engine:
     """``xybrid._native._engine.Context.generate`` without a callback."""
 
@@ -54,7 +58,7 @@ class Engine:
         res = self.ctx.generate(tokens, self.sampler, max_tokens=n_predict)
         t1 = now_ns()
         first = res.token_ns[0] if res.token_ns else t1
-        return Run(t0, first, t1, len(res.tokens), list(res.tokens), 1, res.stop_reason)
+        return Run(t0, first, t1, len(res.tokens), list(res.tokens), 1, res.stop_reason, *_loop(res))
 
     def turn1(self, prefix: list[int]) -> None:
         self.ctx.memory_clear()
@@ -85,7 +89,8 @@ class EngineStream(Engine):
         res = self.ctx.generate(tokens, self.sampler, max_tokens=n_predict, on_text=on_text)
         t1 = now_ns()
         first = chunk_ns[0] if chunk_ns else t1
-        return Run(t0, first, t1, len(res.tokens), list(res.tokens), len(chunk_ns), res.stop_reason)
+        return Run(t0, first, t1, len(res.tokens), list(res.tokens), len(chunk_ns), res.stop_reason,
+                   *_loop(res))
 
     def turn2(self, tokens: list[int], prefix_len: int, reuse: bool) -> int:
         first: list[int] = []
