@@ -439,6 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=60,
                    help="before each workload, wait up to this many seconds for other programs to "
                         "use under 25%% of the CPUs (0: do not wait; default 60)")
+    p.add_argument("--rerender", metavar="JSON",
+                   help="only rebuild the .md/.png of a finished run from its JSON (must be the only argument)")
     p.add_argument("--llama-cpp-dir", type=Path, default=REPO / "llama.cpp",
                    help="llama.cpp source tree (headers; vocab files for the tiny model)")
     args = p.parse_args(argv)
@@ -464,6 +466,14 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--rerender"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m bench --rerender bench/results/<date>.json")
+        for path in report.rerender(Path(argv[1])):
+            print(f"[bench] wrote {path}")
+        return 0
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
