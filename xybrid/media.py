@@ -66,11 +66,7 @@ def image_to_rgb(image: Image) -> tuple[bytes, int, int]:
         except (UnidentifiedImageError, OSError) as exc:
             raise InvalidInputError(f"the image bytes could not be decoded: {exc}") from None
     elif isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if path.suffix.lower() in _VIDEO_SUFFIXES:
-            raise UnsupportedInputError(f"{path.name}: video input is not supported")
-        if not path.is_file():
-            raise InvalidInputError(f"image file not found: {path}")
+        path = _media_file(src, "image")
         try:
             pil = PILImage.open(path)
             pil.load()
@@ -108,14 +104,19 @@ def audio_to_item(audio: Audio) -> tuple[Any, ...]:
             raise InvalidInputError("the audio file is empty")
         return ("audio_file", bytes(src))
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if path.suffix.lower() in _VIDEO_SUFFIXES:
-            raise UnsupportedInputError(f"{path.name}: video input is not supported")
-        if not path.is_file():
-            raise InvalidInputError(f"audio file not found: {path}")
-        return ("audio_file", path.read_bytes())
+        return ("audio_file", _media_file(src, "audio").read_bytes())
     raise InvalidInputError(
         f"audio must be a float32 array, a path or encoded bytes, got {type(src).__name__}")
+
+
+def _media_file(src: str | os.PathLike[str], kind: str) -> Path:
+    """The existing file a media path names; video files are refused by name."""
+    path = Path(src)
+    if path.suffix.lower() in _VIDEO_SUFFIXES:
+        raise UnsupportedInputError(f"{path.name}: video input is not supported")
+    if not path.is_file():
+        raise InvalidInputError(f"{kind} file not found: {path}")
+    return path
 
 
 def media_from_openai_part(part: Mapping[str, Any]) -> Image | Audio:
