@@ -43,6 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ggml-backend.h"
 #include "llama.h"
 
 typedef struct llama_model llama_model;
@@ -319,6 +320,28 @@ static void print_run(const run_t *r) {
     printf("}");
 }
 
+/* As xybrid.Context: the context runs on its own ggml thread pool (llama.cpp
+ * is built without OpenMP), looked up through the CPU backend's registry. */
+typedef struct ggml_threadpool *(*pool_new_fn)(struct ggml_threadpool_params *);
+typedef void (*pool_free_fn)(struct ggml_threadpool *);
+
+static pool_free_fn pool_free;
+
+static struct ggml_threadpool *attach_pool(llama_context *ctx, int n_threads) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_reg_t reg = cpu ? ggml_backend_dev_backend_reg(cpu) : NULL;
+    if (!reg) die("no CPU backend");
+    pool_new_fn pool_new = (pool_new_fn)ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new");
+    pool_free = (pool_free_fn)ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free");
+    if (!pool_new || !pool_free) die("the CPU backend has no thread pool functions");
+    struct ggml_threadpool_params params = ggml_threadpool_params_default(n_threads);
+    params.poll = 1; /* xybrid's XY_THREADPOOL_POLL */
+    struct ggml_threadpool *pool = pool_new(&params);
+    if (!pool) die("cannot create the thread pool");
+    llama_attach_threadpool(ctx, pool, pool);
+    return pool;
+}
+
 int main(int argc, char **argv) {
     opts_t o;
     parse(argc, argv, &o);
@@ -348,6 +371,7 @@ int main(int argc, char **argv) {
     cp.no_perf = false;
     llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create the context");
+    struct ggml_threadpool *pool = attach_pool(ctx, o.n_threads);
 
     /* As xybrid.Sampler: greedy, or top-k -> top-p -> min-p -> temperature -> draw. */
     struct llama_sampler_chain_params sp = llama_sampler_chain_default_params();
@@ -430,6 +454,7 @@ int main(int argc, char **argv) {
         llama_batch_free(e.batch);
         llama_sampler_free(smpl);
         llama_free(ctx);
+        pool_free(pool);
         llama_model_free(model);
         free(prompt);
         return 0;
@@ -476,6 +501,7 @@ int main(int argc, char **argv) {
     llama_batch_free(e.batch);
     llama_sampler_free(smpl);
     llama_free(ctx);
+    pool_free(pool);
     llama_model_free(model);
     free(prompt);
     return 0;

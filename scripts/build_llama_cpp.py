@@ -40,6 +40,11 @@ def cmake_args(source: Path, native: bool, cuda: bool, build_type: str) -> list[
         "-DLLAMA_SUBPROCESS=OFF",
         f"-DGGML_NATIVE={'ON' if native else 'OFF'}",
         f"-DGGML_CUDA={'ON' if cuda else 'OFF'}",
+        # ggml's own thread pool instead of OpenMP: each xybrid Context owns a
+        # pool, so decode speed does not depend on which thread calls
+        # llama_decode (libgomp slows down once a second thread has decoded;
+        # see xy_threadpool_new in xybrid/_native/engine_support.h).
+        "-DGGML_OPENMP=OFF",
         # Plain libfoo.so names and $ORIGIN lookups: the libraries find each
         # other (and the extension finds them) in the folder they are installed to.
         "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",

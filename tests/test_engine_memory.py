@@ -129,3 +129,25 @@ def test_abandoned_streams_do_not_leak(tiny_llama_path):
         ctx.close()
         model.close()
     assert end - start < 2 * MiB, [s // MiB for s in samples[::10]]
+
+
+def test_each_context_owns_its_worker_threads(tiny_llama_path):
+    """A context runs on its own ggml thread pool: n_threads - 1 workers
+    (the decoding thread is the first), started with the context and joined
+    when it closes, so repeated contexts leave no threads behind."""
+    proc = psutil.Process()
+    model = Model(str(tiny_llama_path))
+    try:
+        base = proc.num_threads()
+        for n_threads in (1, 3, 2, 4):
+            ctx = Context(model, n_ctx=128, n_threads=n_threads, n_threads_batch=1)
+            ctx.generate(model.tokenize("Hello"), Sampler(model), max_tokens=2)
+            assert proc.num_threads() == base + n_threads - 1
+            ctx.close()
+            assert proc.num_threads() == base
+        for _ in range(20):
+            with Context(model, n_ctx=128, n_threads=2) as ctx:
+                ctx.generate(model.tokenize("Hello"), Sampler(model), max_tokens=2)
+        assert proc.num_threads() == base
+    finally:
+        model.close()

@@ -14,6 +14,9 @@ cdef class Context:
     """
 
     cdef llama_context * ptr
+    # Owned: the CPU worker threads of this context (see xy_threadpool_new).
+    # Freed after the context that uses it.
+    cdef ggml_threadpool * threadpool
     cdef readonly Model model
     cdef llama_batch batch
     cdef bint has_batch
@@ -28,6 +31,7 @@ cdef class Context:
 
     def __cinit__(self):
         self.ptr = NULL
+        self.threadpool = NULL
         self.has_batch = False
         self.busy = False
 
@@ -72,6 +76,13 @@ cdef class Context:
                               + (f": {reason}" if reason else " (out of memory?)"))
         self.model = model
         model.n_contexts += 1
+        # One pool sized for the larger of the two thread counts serves both
+        # single-token and batch decodes; ggml runs each graph on as many
+        # of its threads as that decode asks for.
+        with nogil:
+            self.threadpool = xy_threadpool_new(max(params.n_threads, params.n_threads_batch))
+        if self.threadpool != NULL:
+            llama_attach_threadpool(self.ptr, self.threadpool, self.threadpool)
         self.n_batch_alloc = llama_n_batch(self.ptr)
         self.embeddings = embeddings
         self.batch = llama_batch_init(self.n_batch_alloc, 0, n_seq_max)
@@ -92,6 +103,9 @@ cdef class Context:
             self.ptr = NULL
             if self.model is not None:
                 self.model.n_contexts -= 1
+        if self.threadpool != NULL:
+            xy_threadpool_free(self.threadpool)
+            self.threadpool = NULL
 
     def close(self):
         """Free the context now (KV cache included)."""

@@ -50,6 +50,8 @@ cdef extern from "engine_support.h" nogil:
     size_t xy_log_take(char * out, size_t cap)
     llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                           int32_t idx, llama_token_data * cur, int32_t n_vocab)
+    ggml_threadpool * xy_threadpool_new(int n_threads)
+    void xy_threadpool_free(ggml_threadpool * pool)
 
 
 cdef extern from "<pthread.h>" nogil:

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 
 #include "ggml.h"
+#include "ggml-backend.h"
 #include "llama.h"
 
 static inline int64_t xy_now_ns(void) {
@@ -161,6 +162,54 @@ static size_t xy_log_take(char *out, size_t cap) {
     xy_log_tail[0] = '\0';
     pthread_mutex_unlock(&xy_log_mutex);
     return n;
+}
+
+/* A CPU thread pool per context.
+ *
+ * llama.cpp is built without OpenMP (scripts/build_llama_cpp.py), so the
+ * CPU backend runs graphs on a ggml thread pool. Without one attached, ggml
+ * creates and joins worker threads for every graph, i.e. for every token.
+ * With one attached the workers persist and whichever thread calls
+ * llama_decode (the caller's, or a streaming generation's own) joins them as
+ * worker 0, so the decode speed does not depend on the calling thread. (With
+ * OpenMP, libgomp keeps a team per calling thread and drops to a very short
+ * spin-wait once the teams outnumber the cores: a stream on its own thread ran
+ * at about half the speed of a plain call.)
+ *
+ * The functions are looked up through the CPU backend's registry, as
+ * llama.cpp's own tools do, so this also works when backends are loaded
+ * dynamically. NULL means "no pool": llama.cpp then falls back to its default. */
+#define XY_THREADPOOL_POLL 1
+
+typedef struct ggml_threadpool *(*xy_threadpool_new_fn)(struct ggml_threadpool_params *);
+typedef void (*xy_threadpool_free_fn)(struct ggml_threadpool *);
+
+static int xy_threadpool_lookup(xy_threadpool_new_fn *new_fn, xy_threadpool_free_fn *free_fn) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_reg_t reg = cpu ? ggml_backend_dev_backend_reg(cpu) : NULL;
+    if (!reg) return 0;
+    *new_fn = (xy_threadpool_new_fn)ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new");
+    *free_fn = (xy_threadpool_free_fn)ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free");
+    return *new_fn != NULL && *free_fn != NULL;
+}
+
+static struct ggml_threadpool *xy_threadpool_new(int n_threads) {
+    xy_threadpool_new_fn new_fn;
+    xy_threadpool_free_fn free_fn;
+    if (n_threads < 1 || n_threads > GGML_MAX_N_THREADS || !xy_threadpool_lookup(&new_fn, &free_fn)) return NULL;
+    struct ggml_threadpool_params params = ggml_threadpool_params_default(n_threads);
+    /* Idle workers spin before they sleep. ggml's default (50) spins for about
+     * 0.2 s after every graph, which takes a core from whatever runs next;
+     * 1 spins for a few ms, like libgomp, and covers the sampling gap between
+     * two tokens just as well (same tokens/s on the tiny benchmark model). */
+    params.poll = XY_THREADPOOL_POLL;
+    return new_fn(&params);
+}
+
+static void xy_threadpool_free(struct ggml_threadpool *pool) {
+    xy_threadpool_new_fn new_fn;
+    xy_threadpool_free_fn free_fn;
+    if (pool && xy_threadpool_lookup(&new_fn, &free_fn)) free_fn(pool);
 }
 
 #endif

@@ -19,6 +19,10 @@ cdef extern from "ggml.h" nogil:
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data)
     ctypedef bint (*ggml_abort_callback)(void * data)
 
+    # Opaque here: created and freed through engine_support.h.
+    cdef struct ggml_threadpool:
+        pass
+
 
 cdef extern from "ggml-backend.h" nogil:
     ctypedef struct ggml_backend_device:
@@ -200,6 +204,9 @@ cdef extern from "llama.h" nogil:
     llama_pooling_type llama_get_pooling_type "llama_pooling_type"(const llama_context * ctx)
     void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch)
     int32_t llama_n_threads(llama_context * ctx)
+    void llama_attach_threadpool(llama_context * ctx, ggml_threadpool * threadpool,
+                                 ggml_threadpool * threadpool_batch)
+    void llama_detach_threadpool(llama_context * ctx)
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data)
     size_t llama_state_get_size(llama_context * ctx)
     size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
