@@ -15,7 +15,7 @@ import time
 import pytest
 
 from xybrid._native._engine import Context, Model, Sampler, monotonic_ns
-from xybrid.errors import XybridError
+from xybrid.errors import InvalidInputError, XybridError
 
 PROMPT = "Once upon a time"
 N_REF = 32  # tokens in the reference run
@@ -755,6 +755,44 @@ def test_streaming_loop_runs_ahead_of_a_slow_consumer(tiny_llama_path) -> None: 
         assert len(result.tokens) == 64
         assert len(chunks) < 16, len(chunks)
         assert "".join(chunks) == result.text
+    finally:
+        ctx.close()
+        model.close()
+
+
+def test_chunk_interval_bounds_how_often_the_consumer_is_woken(tiny_llama_path) -> None:  # type: ignore[no-untyped-def]
+    # The first text is handed over at once; after that the loop wakes the
+    # consumer at most once per chunk_interval_us. With an interval far
+    # longer than the whole generation, the rest arrives in one chunk at the
+    # end, whether by callback or iterator, and nothing is lost.
+    from xybrid._native import _engine as eng
+
+    model = eng.Model(str(tiny_llama_path))
+    ctx = eng.Context(model, n_ctx=512, n_threads=1)
+    try:
+        prompt = model.tokenize("Hello there")
+        greedy = eng.Sampler(model)
+        reference = ctx.generate(prompt, greedy, max_tokens=48)
+        assert len(reference.tokens) == 48
+        for mode in ("callback", "iterator"):
+            ctx.memory_clear()
+            chunks: list[str] = []
+            if mode == "callback":
+                result = ctx.generate(prompt, greedy, max_tokens=48, on_text=chunks.append,
+                                      chunk_interval_us=60_000_000)
+            else:
+                gen = ctx.stream(prompt, greedy, max_tokens=48, chunk_interval_us=60_000_000)
+                chunks = list(gen)
+                result = gen.result
+            assert 1 <= len(chunks) <= 2, (mode, chunks)
+            assert "".join(chunks) == result.text == reference.text
+            assert result.tokens == reference.tokens
+        with pytest.raises(InvalidInputError, match="chunk_interval_us"):
+            ctx.generate(prompt, greedy, max_tokens=2, on_text=print, chunk_interval_us=-1)
+        with pytest.raises(InvalidInputError, match="chunk_interval_us"):
+            ctx.stream(prompt, greedy, max_tokens=2, chunk_interval_us=-5)
+        ctx.memory_clear()
+        assert ctx.generate(prompt, greedy, max_tokens=48).tokens == reference.tokens  # still usable
     finally:
         ctx.close()
         model.close()

@@ -228,7 +228,8 @@ cdef class Context:
 
     def generate(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                  int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
-                 bint logits_ready=False, bint render_special=False):
+                 bint logits_ready=False, bint render_special=False,
+                 int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US):
         """Decode ``tokens`` after ``n_past`` cached positions of ``seq_id``
         and generate up to ``max_tokens`` tokens. Returns a
         :class:`GenerationResult`.
@@ -244,11 +245,18 @@ cdef class Context:
         logits the previous decode left (e.g. after :meth:`eval_chunks`).
         ``render_special=True`` writes the text of control tokens (such as
         tool-call markers) instead of dropping it.
+
+        When streaming, new text is handed over at most every
+        ``chunk_interval_us`` microseconds (default 1000); the first text and
+        the end come at once. Slower models get one chunk per token either
+        way; on a fast one a chunk holds the few tokens made in the interval.
+        0 hands over every token as soon as it is made.
         """
         self.check_idle()
+        check_non_negative("chunk_interval_us", chunk_interval_us)
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop,
-                  on_text is not None, buffer_limit, logits_ready, render_special)
+                  on_text is not None, buffer_limit, logits_ready, render_special, chunk_interval_us)
         if on_text is None:
             gen.run_inline()
         else:
@@ -266,13 +274,16 @@ cdef class Context:
 
     def stream(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                int seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
-               bint logits_ready=False, bint render_special=False):
+               bint logits_ready=False, bint render_special=False,
+               int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US):
         """Start a generation on a native thread and return the
-        :class:`Generation` iterator of its text chunks."""
+        :class:`Generation` iterator of its text chunks (arguments as for
+        :meth:`generate`)."""
         self.check_idle()
+        check_non_negative("chunk_interval_us", chunk_interval_us)
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop, True, buffer_limit,
-                  logits_ready, render_special)
+                  logits_ready, render_special, chunk_interval_us)
         gen.start_thread()
         return gen
 

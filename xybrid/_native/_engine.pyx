@@ -77,6 +77,8 @@ cdef extern from "<pthread.h>" nogil:
 # waits. Defined before the includes: default arguments of the def functions
 # in _context.pxi are evaluated when the module initialises, in file order.
 cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
+# How often, at most, a stream wakes its consumer (see _generation.pxi).
+cdef int DEFAULT_CHUNK_INTERVAL_US = 1000
 
 # Forward declarations: the classes refer to each other.
 cdef class Model

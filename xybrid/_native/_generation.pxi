@@ -6,6 +6,10 @@
 # change. A consumer takes text[consumed:emitted]. When streaming, producer and
 # consumer share `mu`; the producer blocks only when more than `buffer_limit`
 # bytes wait unread (a consumer that stops reading holds the loop back).
+# The producer wakes a waiting consumer at most once per `chunk_interval_ns`
+# (the first text at once): on a model that makes thousands of tokens a
+# second, waking the Python thread for every token costs more CPU than the
+# decode itself, and a few tokens per chunk are invisible to a reader.
 
 from weakref import ref as _weakref
 
@@ -48,6 +52,8 @@ cdef struct GenState:
     bint streaming
     bint render_special         # write control tokens' text (tool-call markers)
     size_t buffer_limit
+    int64_t chunk_interval_ns   # 0: wake the consumer for every token
+    int64_t last_wake_ns        # when the consumer was last woken (0: never)
     # progress
     llama_pos n_past            # next position to write in the sequence
     llama_token * out_tokens    # [max_tokens] sampled tokens (EOG excluded)
@@ -152,7 +158,11 @@ cdef void gen_publish(GenState * g) noexcept nogil:
     """Wake the consumer; when too much is unread, wait for it (or cancel)."""
     if not g.streaming:
         return
-    pthread_cond_broadcast(&g.cond_data)
+    cdef int64_t t = xy_now_ns()
+    if (t - g.last_wake_ns >= g.chunk_interval_ns or g.last_wake_ns == 0
+            or g.emitted - g.consumed > g.buffer_limit):
+        g.last_wake_ns = t
+        pthread_cond_broadcast(&g.cond_data)
     while g.emitted - g.consumed > g.buffer_limit and not xy_atomic_load(&g.cancel):
         pthread_cond_wait(&g.cond_space, &g.mu)
 
@@ -334,7 +344,8 @@ cdef class Generation:
 
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
                    Sampler sampler, stop, bint streaming, size_t buffer_limit,
-                   bint logits_ready=False, bint render_special=False) except -1:
+                   bint logits_ready=False, bint render_special=False,
+                   int chunk_interval_us=0) except -1:
         cdef Py_ssize_t i, n = len(tokens)
         cdef int32_t n_ctx = llama_n_ctx(context.ptr)
         cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
@@ -384,6 +395,7 @@ cdef class Generation:
         g.streaming = streaming
         g.render_special = render_special
         g.buffer_limit = buffer_limit
+        g.chunk_interval_ns = <int64_t> chunk_interval_us * 1000
         g.prompt = <llama_token *> malloc(max(n, 1) * sizeof(llama_token))
         g.out_tokens = <llama_token *> malloc(max_tokens * sizeof(llama_token))
         g.token_ns = <int64_t *> malloc(max_tokens * sizeof(int64_t))
