@@ -63,6 +63,10 @@ def check_pieces(pieces: list[PartialToken], out: GenerationOutput) -> None:
     # the surrounding whitespace trimmed, exactly generate()'s text.
     assert final.cumulative_text == out.text
     assert streamed.strip() == out.text
+    # ... and the whole output, token ids and telemetry included.
+    assert final.output is not None
+    assert final.output.text == out.text and final.output.token_ids == out.token_ids
+    assert final.output.finish_reason == out.finish_reason
 
 
 @pytest.mark.parametrize("case", ["length", "stop"])
@@ -255,3 +259,55 @@ def test_calling_the_backend_inside_its_own_stream_is_an_error_not_a_hang(
             llm.generate([ChatMessage.user("again")], config)
         stream.close()
         assert llm.generate([ChatMessage.user("again")], config).tokens_generated >= 1
+
+
+def test_raw_prompts_as_text_or_token_ids_streamed_or_not(gemma_backend: LlamaCppBackend) -> None:
+    b = gemma_backend
+    prompt = ", ".join(str(i) for i in range(1, 30)) + ","  # > 32 tokens: its prefix can be reused
+    ids = b.model.tokenize(prompt, add_special=True, parse_special=True)
+    cfg = GenerationConfig.greedy(max_tokens=10)
+    b.reset_cache()
+    out = b.generate_raw(prompt, cfg)
+    assert out.text.startswith(" ")  # raw: verbatim, nothing trimmed
+    b.reset_cache()
+    by_ids = b.generate_raw(ids, cfg)
+    assert (by_ids.text, by_ids.token_ids, by_ids.prompt_tokens) == (out.text, out.token_ids, len(ids))
+
+    b.reset_cache()
+    via_callback: list[PartialToken] = []
+    streamed_out = b.generate_raw(tuple(ids), cfg, on_token=via_callback.append)
+    b.reset_cache()
+    via_iterator = list(b.stream_raw(ids, cfg))
+    for pieces in (via_callback, via_iterator):
+        final = pieces[-1]
+        assert final.finish_reason == "length" and final.text == ""
+        assert "".join(p.text for p in pieces) == final.cumulative_text == out.text
+        assert final.output is not None and final.output.token_ids == out.token_ids
+    assert streamed_out.token_ids == out.token_ids
+
+    # Token-id prompts share the prefix cache like any other.
+    longer = ids + b.model.tokenize(out.text, add_special=False)
+    again = b.generate_raw(longer, cfg)
+    assert again.cached_prompt_tokens == len(ids) // 32 * 32 > 0
+
+
+@pytest.mark.parametrize("bad, names", [
+    ([], "empty"),
+    ([2, 10**9], "token 1"),
+    ([2, -1], "token 1"),
+    ([2, True], "token 1"),
+    ([2, 3.0], "token 1"),
+    (b"bytes", "bytes"),
+    (42, "int"),
+])
+def test_bad_raw_prompts_are_refused_clearly(gemma_backend: LlamaCppBackend, bad: object,
+                                             names: str) -> None:
+    b = gemma_backend
+    cfg = GenerationConfig.greedy(max_tokens=2)
+    with pytest.raises(InvalidInputError, match=names):
+        b.generate_raw(bad, cfg)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=names):
+        list(b.stream_raw(bad, cfg))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="on_token"):
+        b.generate_raw("Hi", cfg, on_token="not callable")  # type: ignore[arg-type]
+    assert b.generate_raw("Hi", cfg).tokens_generated == 2  # still usable

@@ -102,7 +102,8 @@ class LlmBackend(ABC):
         final piece. An exception raised by ``on_token`` propagates.
         """
         output = self.generate(messages, config)
-        on_token(PartialToken(output.text, 0, output.text, None, output.finish_reason))
+        on_token(PartialToken(output.text, 0, output.text, None, output.finish_reason,
+                              output.tool_calls, output))
         return output
 
     def stream(

@@ -476,18 +476,23 @@ class LlamaCppBackend(LlmBackend):
             raise InvalidInputError("on_token must be callable")
         return self._run_chat(messages, config, on_token)
 
-    def generate_raw(self, prompt: str, config: GenerationConfig | None = None) -> GenerationOutput:
-        """Continue ``prompt`` verbatim (BOS added, special markers parsed, no
-        template). Only ``config.stop_sequences`` stop it; the text is returned
-        exactly as generated, leading space included."""
+    def generate_raw(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+                     on_token: StreamingCallback | None = None) -> GenerationOutput:
+        """Continue ``prompt`` verbatim: no template, and only
+        ``config.stop_sequences`` stop it. The text is returned exactly as
+        generated, leading space included.
+
+        ``prompt`` is text (BOS added, special markers parsed) or a sequence
+        of token ids used as they are, for callers that tokenize themselves.
+        With ``on_token`` the pieces are streamed to it as they are made.
+        """
         config = _config(config)
-        if not isinstance(prompt, str):
-            raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
+        if on_token is not None and not callable(on_token):
+            raise InvalidInputError("on_token must be callable")
         with self._lock:
             loaded = self._require()
-            tokens = loaded.model.tokenize(prompt, add_special=True, parse_special=True)
-            prepared = self._prepare(loaded, tokens, config, chat=False)
-            return self._execute(loaded, prepared, config, None)
+            prepared = self._prepare_raw(loaded, prompt, config)
+            return self._execute(loaded, prepared, config, on_token)
 
     def stream(self, messages: Sequence[MessageLike],
                config: GenerationConfig | None = None) -> Iterator[PartialToken]:
@@ -496,12 +501,37 @@ class LlamaCppBackend(LlmBackend):
         (the KV cache is cleared, as after any cancelled call)."""
         config = _config(config)
         msgs = _as_messages(messages)
-        return self._stream(msgs, config)
+        return self._stream(lambda loaded: self._prepare_chat(loaded, msgs, config), config)
 
-    def _stream(self, msgs: list[ChatMessage], config: GenerationConfig) -> Iterator[PartialToken]:
+    def stream_raw(self, prompt: str | Sequence[int],
+                   config: GenerationConfig | None = None) -> Iterator[PartialToken]:
+        """:meth:`stream` for a raw prompt (text or token ids, as for
+        :meth:`generate_raw`)."""
+        config = _config(config)
+        _check_raw_prompt(prompt)
+        return self._stream(lambda loaded: self._prepare_raw(loaded, prompt, config), config)
+
+    def _prepare_raw(self, loaded: _Loaded, prompt: str | Sequence[int],
+                     config: GenerationConfig) -> _Prepared:
+        _check_raw_prompt(prompt)
+        if isinstance(prompt, str):
+            tokens = loaded.model.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            tokens = list(prompt)
+            n_vocab = loaded.model.n_vocab
+            for i, t in enumerate(tokens):
+                if not 0 <= t < n_vocab:
+                    raise InvalidInputError(
+                        f"prompt token {i} = {t} is not a token id of this model (0..{n_vocab - 1})")
+        return self._prepare(loaded, tokens, config, chat=False)
+
+    def _stream(self, prepare: Callable[[_Loaded], _Prepared],
+                config: GenerationConfig) -> Iterator[PartialToken]:
+        """The generator behind :meth:`stream` and :meth:`stream_raw`. It holds
+        the lock from the first ``next()`` until it is exhausted or closed."""
         with self._lock:
             loaded = self._require()
-            prepared = self._prepare_chat(loaded, msgs, config)
+            prepared = prepare(loaded)
             tail, n_past = self._apply_plan(loaded, prepared)
             sampler = _sampler(loaded.model, config)
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
@@ -530,7 +560,7 @@ class LlamaCppBackend(LlmBackend):
                     self._forget(loaded)
             output = self._finish(loaded, prepared, config, gen.result, n_past)
             yield PartialToken("", index, output.text, None, output.finish_reason,
-                               output.tool_calls)
+                               output.tool_calls, output)
 
     def _run_chat(self, messages: Sequence[MessageLike], config: GenerationConfig | None,
                   on_token: StreamingCallback | None) -> GenerationOutput:
@@ -575,7 +605,7 @@ class LlamaCppBackend(LlmBackend):
         output = self._finish(loaded, prepared, config, result, n_past)
         if on_token is not None:
             on_token(PartialToken("", index, output.text, None, output.finish_reason,
-                                  output.tool_calls))
+                                  output.tool_calls, output))
         return output
 
     def _forget(self, loaded: _Loaded) -> None:
@@ -668,6 +698,19 @@ def _config(config: GenerationConfig | None) -> GenerationConfig:
     if not isinstance(config, GenerationConfig):
         raise InvalidInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
     return config
+
+
+def _check_raw_prompt(prompt: object) -> None:
+    """A raw prompt is text or a sequence of plain ints (token ids)."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise InvalidInputError(
+            f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+    for i, t in enumerate(prompt):
+        if type(t) is not int:  # bool and numpy integers are refused, as by the engine
+            raise InvalidInputError(
+                f"prompt token {i} must be an int token id, got {type(t).__name__}")
 
 
 def _as_messages(messages: Sequence[MessageLike]) -> list[ChatMessage]:

@@ -493,7 +493,9 @@ class PartialToken:
 
     ``text`` is the new text since the previous piece, ``cumulative_text`` all
     text emitted so far. The last piece of a stream carries ``finish_reason``
-    (its ``text`` may be empty).
+    (its ``text`` may be empty) and, where the backend has it, ``output``: the
+    whole :class:`GenerationOutput` with token ids and telemetry, as the
+    non-streaming call would have returned it.
     """
 
     text: str
@@ -502,6 +504,7 @@ class PartialToken:
     token_id: int | None = None
     finish_reason: str | None = None
     tool_calls: tuple[dict[str, Any], ...] = ()
+    output: GenerationOutput | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_final(self) -> bool:
