@@ -431,7 +431,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="GGUF for the compute/prefill/multi-turn/memory workloads "
                    "(default: xybrid's default model, Gemma 3 270M Q4_K_M)")
     p.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
-    p.add_argument("--xybrid-variants", default="engine,engine-stream",
+    p.add_argument("--xybrid-variants", default="engine,engine-stream,backend,backend-stream",
                    help="xybrid variants (bench/workers/xybrid_worker.py VARIANTS); the first is the primary")
     p.add_argument("--peer-variants", default="completion,completion-stream")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")

@@ -17,6 +17,8 @@ LABELS = {
     "native": "native (C loop)",
     "engine": "xybrid",
     "engine-stream": "xybrid stream",
+    "backend": "xybrid LlamaCppBackend",
+    "backend-stream": "xybrid LlamaCppBackend stream",
     "completion": "llama-cpp-python",
     "completion-stream": "llama-cpp-python stream",
 }

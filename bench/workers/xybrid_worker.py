@@ -6,11 +6,15 @@ Variants (``spec["variants"]``, the first one is the primary):
   loop runs in C with the GIL released and Python sees only the result.
 - ``engine-stream``: the same call with ``on_text=callback``: the loop runs on
   a native thread and the callback gets each chunk of text.
+- ``backend``: the user-level API, ``LlamaCppBackend.generate_raw(token_ids,
+  config)``: its prefix cache, validation, text clean-up and telemetry
+  included. It loads its own model and context.
+- ``backend-stream``: ``LlamaCppBackend.stream_raw(token_ids, config)``,
+  iterating the ``PartialToken`` pieces.
 
-To add a variant (the user-level ``xybrid.LlamaCppBackend`` for instance),
-write a class with the methods of :class:`Engine` (``generate``, ``turn1``,
-``turn2``) and register it in :data:`VARIANTS`; the harness picks it up with
-``--xybrid-variants`` (see bench/README.md).
+To add a variant, write a class with the methods of :class:`Engine`
+(``generate``, ``turn1``, ``turn2``) and register it in :data:`VARIANTS`; the
+harness picks it up with ``--xybrid-variants`` (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -110,9 +114,110 @@ class EngineStream(Engine):
         return (first[0] if first else now_ns()) - t0
 
 
+_backend: dict[str, Any] = {}
+
+
+def _user_backend(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """One ``LlamaCppBackend`` per process, shared by the backend variants,
+    set up like the engine variants' context, and the GenerationConfig of the
+    benchmark's sampler."""
+    from xybrid import GenerationConfig, LlamaCppBackend, LlmConfig
+
+    if not _backend:
+        backend = LlamaCppBackend()
+        backend.load(LlmConfig(spec["model"], context_length=spec["n_ctx"], n_threads=spec["threads"],
+                               n_batch=spec["n_batch"], n_ubatch=spec["n_batch"],
+                               flash_attn=spec["flash_attn"]))
+        s = spec["sampler"]
+        config = GenerationConfig(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                  min_p=s["min_p"], seed=s["seed"], max_tokens=spec["n_predict"])
+        _backend.update(backend=backend, config=config)
+    return _backend["backend"], _backend["config"]
+
+
+class Backend:
+    """``LlamaCppBackend.generate_raw(token_ids, config)``, no callback.
+
+    Its prefix cache is reset before each measured generation (every
+    contestant starts from an empty cache), and it ends reuse on a multiple
+    of 32 tokens, so the multi-turn figure re-decodes up to 31 more prompt
+    tokens than the engine's exact ``seq_rm``.
+    """
+
+    streaming = False
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.backend, self.config = _user_backend(spec)
+
+    def _config(self, n_predict: int) -> Any:
+        return self.config.replace(max_tokens=n_predict)
+
+    def generate(self, tokens: list[int], n_predict: int) -> Run:
+        self.backend.reset_cache()
+        t0 = now_ns()
+        out = self.backend.generate_raw(tokens, self._config(n_predict))
+        t1 = now_ns()
+        # The backend reports TTFT from the start of its engine call; adding
+        # it to t0 counts the backend's own set-up as decode time.
+        first = t0 + int((out.ttft_ms or 0.0) * 1e6)
+        return Run(t0, first, t1, out.tokens_generated, list(out.token_ids), 1, out.stop_reason)
+
+    def turn1(self, prefix: list[int]) -> None:
+        self.backend.reset_cache()
+        self.backend.generate_raw(prefix, self._config(1))
+
+    def turn2(self, tokens: list[int], prefix_len: int, reuse: bool) -> int:
+        if reuse:
+            self.turn1(tokens[:prefix_len])  # the cache holds the previous turn only
+        else:
+            self.backend.reset_cache()
+        t0 = now_ns()
+        out = self.backend.generate_raw(tokens, self._config(1))
+        return int((out.ttft_ms or 0.0) * 1e6) + (out.ttft_ms is None) * (now_ns() - t0)
+
+
+class BackendStream(Backend):
+    """``LlamaCppBackend.stream_raw(token_ids, config)``: a piece per chunk."""
+
+    streaming = True
+
+    def generate(self, tokens: list[int], n_predict: int) -> Run:
+        self.backend.reset_cache()
+        first = 0
+        n_chunks = 0
+        last: Any = None
+        t0 = now_ns()
+        for piece in self.backend.stream_raw(tokens, self._config(n_predict)):
+            if not first and piece.text:
+                first = now_ns()
+            n_chunks += bool(piece.text)
+            last = piece
+        t1 = now_ns()
+        out = last.output  # the final piece carries the whole GenerationOutput
+        return Run(t0, first or t1, t1, out.tokens_generated, list(out.token_ids), n_chunks,
+                   out.stop_reason)
+
+    def turn2(self, tokens: list[int], prefix_len: int, reuse: bool) -> int:
+        if reuse:
+            self.turn1(tokens[:prefix_len])
+        else:
+            self.backend.reset_cache()
+        t0 = now_ns()
+        pieces = self.backend.stream_raw(tokens, self._config(1))
+        first = 0
+        for piece in pieces:
+            if piece.text:
+                first = now_ns()
+                break
+        pieces.close()
+        return (first or now_ns()) - t0
+
+
 VARIANTS: dict[str, type] = {
     "engine": Engine,
     "engine-stream": EngineStream,
+    "backend": Backend,
+    "backend-stream": BackendStream,
 }
 
 
