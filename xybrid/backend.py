@@ -10,7 +10,6 @@ piece, so callers never need to special-case a non-streaming engine.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -120,6 +119,8 @@ class LlmBackend(ABC):
         self, messages: Sequence[MessageLike], config: GenerationConfig | None = None
     ) -> AsyncIterator[PartialToken]:
         """Async version of :meth:`stream`: the event loop never blocks on the model."""
+        import asyncio  # here: a program that never calls astream does not pay for asyncio
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()

@@ -19,16 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
-
-import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InvalidInputError, UnsupportedInputError
 
@@ -469,78 +461,6 @@ class BuiltinChatTemplate:
         return f"BuiltinChatTemplate({self.fmt!r})"
 
 
-# ---- Jinja environment, matching transformers' apply_chat_template ----------
-
-
-def _raise_exception(message: object) -> None:
-    """Template-callable ``raise_exception``: the template rejected its input."""
-    raise InvalidInputError(str(message))
-
-
-def _strftime_now(format_string: str) -> str:
-    """Template-callable ``strftime_now``: local time, as transformers provides."""
-    return datetime.now().strftime(format_string)
-
-
-def _tojson(
-    value: object,
-    ensure_ascii: bool = False,
-    indent: int | str | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    """``tojson`` as transformers defines it: plain ``json.dumps``, no HTML escaping.
-
-    Jinja's built-in filter escapes ``<``, ``>``, ``&`` and ``'`` for HTML and
-    sorts keys, which would change the prompt compared with training.
-    """
-    return json.dumps(
-        value,
-        ensure_ascii=ensure_ascii,
-        indent=indent,
-        separators=separators,
-        sort_keys=sort_keys,
-    )
-
-
-class _GenerationBlock(Extension):
-    """Accept ``{% generation %}...{% endgeneration %}`` and render its body.
-
-    transformers marks assistant text with this tag to build training masks;
-    for inference the body is simply output. Without the extension, templates
-    that use it would not even parse.
-    """
-
-    tags = {"generation"}
-
-    def parse(self, parser: Parser) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        call = self.call_method("_render_body")
-        return nodes.CallBlock(call, [], [], body).set_lineno(lineno)
-
-    def _render_body(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    # Same settings as transformers: trim_blocks and lstrip_blocks on,
-    # keep_trailing_newline left at Jinja's default (False, so one trailing
-    # newline of the source is dropped), loop controls ({% break %}) enabled,
-    # the default (lenient) Undefined, no autoescaping.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=False,
-        extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-_ENVIRONMENT = _make_environment()
 
 
 def _plain(value: object) -> object:
@@ -619,18 +539,6 @@ def _tools_list(tools: Iterable[object] | None) -> list[object] | None:
     return out
 
 
-# Errors a template can provoke at render time besides raise_exception():
-# undefined lookups, sandbox refusals, bad operand types and so on.
-_RENDER_ERRORS = (
-    jinja2.TemplateError,
-    TypeError,
-    ValueError,
-    LookupError,
-    AttributeError,
-    ArithmeticError,
-)
-
-
 class JinjaChatTemplate:
     """A model's own Hugging-Face-style chat template, rendered in a sandbox.
 
@@ -666,9 +574,13 @@ class JinjaChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
+        # Imported here: jinja2 costs ~50 ms and several MB, and many programs
+        # never render a model's own template.
+        from xybrid import jinja_sandbox
+
         try:
-            self._template = _ENVIRONMENT.from_string(source)
-        except jinja2.TemplateSyntaxError as exc:
+            self._template = jinja_sandbox.environment().from_string(source)
+        except jinja_sandbox.TemplateSyntaxError as exc:
             raise InvalidInputError(
                 f"chat template syntax error at line {exc.lineno}: {exc.message}"
             ) from exc
@@ -703,11 +615,13 @@ class JinjaChatTemplate:
         ]
         context["tools"] = _tools_list(tools)
         context["add_generation_prompt"] = bool(add_generation_prompt)
+        from xybrid import jinja_sandbox
+
         try:
             return self._template.render(context)
         except InvalidInputError:
             raise
-        except _RENDER_ERRORS as exc:
+        except jinja_sandbox.RENDER_ERRORS as exc:
             raise InvalidInputError(
                 f"chat template {self.name!r} failed: {type(exc).__name__}: {exc}"
             ) from exc

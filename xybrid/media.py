@@ -13,10 +13,9 @@ import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+import sys
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from xybrid.errors import InvalidInputError, UnsupportedInputError
 
@@ -41,10 +40,18 @@ class Audio:
     source: Any
 
 
+def _numpy_array(value: object) -> Any:
+    """numpy, when ``value`` is a numpy array, else None. numpy is not
+    imported for this: a caller holding an array has imported it already."""
+    np = sys.modules.get("numpy")
+    return np if np is not None and isinstance(value, np.ndarray) else None
+
+
 def image_to_rgb(image: Image) -> tuple[bytes, int, int]:
     """Packed RGB bytes, width and height of an image."""
     src = image.source
-    if isinstance(src, np.ndarray):
+    np = _numpy_array(src)
+    if np is not None:
         if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3:
             raise InvalidInputError(
                 f"an image array must be H x W x 3 uint8 RGB, got shape {src.shape} dtype {src.dtype}")
@@ -82,7 +89,8 @@ def image_to_rgb(image: Image) -> tuple[bytes, int, int]:
 def audio_to_item(audio: Audio) -> tuple[Any, ...]:
     """The engine's media item for an audio clip: PCM samples or an encoded file."""
     src = audio.source
-    if isinstance(src, np.ndarray):
+    np = _numpy_array(src)
+    if np is not None:
         if src.dtype != np.float32:
             raise InvalidInputError(
                 f"audio samples must be float32 PCM in [-1, 1], got dtype {src.dtype} "
