@@ -94,6 +94,7 @@ class Case:
     busy: bool = False
     all_variants: bool = True
     prefix_len: int = 0
+    threads: int = 0  # llama.cpp threads for this workload; 0: --threads
 
 
 def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
@@ -114,10 +115,15 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
         # gives the GIL away and waits up to a switch interval (5 ms) to get
         # it back, so its time grows with the square of the length: 256
         # tokens take minutes per generation.
+        # On fewer threads than cores (--busy-threads), so that the busy
+        # thread has a core of its own: with every core decoding, one more
+        # busy thread slows any program down (the C loop beside a spinning C
+        # thread keeps ~0.57 of its rate on 2 threads and 2 cores), and the
+        # workload would measure core contention instead of the interpreter.
         Case("busy", "busy", f"Busy interpreter: tiny model, {args.n_predict_busy} tokens, "
-             "idle and beside a busy Python thread",
+             f"{args.busy_threads} thread(s), idle and beside a busy Python thread",
              "decode", "tiny", "short", args.n_predict_busy, GREEDY, reps=1 if quick else 3, warmup=32,
-             busy=True),
+             busy=True, threads=args.busy_threads),
         Case("prefill", "prefill", f"Prefill: {n_long}-token prompt on Gemma 3 270M",
              "prefill", "gemma", "long", 1, GREEDY, warmup=8),
         Case("multiturn", "multiturn",
@@ -170,7 +176,7 @@ class Worker:
             if not tok_file.exists():
                 tok_file.write_text(" ".join(map(str, tokens)))
             cmd = [str(c.binary), "--serve", "--model", model, "--tokens", str(tok_file),
-                   "--n-predict", str(case.n_predict), "--threads", str(args.threads),
+                   "--n-predict", str(case.n_predict), "--threads", str(case.threads or args.threads),
                    "--ctx", str(args.ctx), "--batch", str(args.batch), "--ubatch", str(args.batch),
                    "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
                    "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]),
@@ -180,7 +186,7 @@ class Worker:
         else:
             spec = {
                 "model": model, "prompt_tokens": tokens, "n_predict": case.n_predict,
-                "threads": args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
+                "threads": case.threads or args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
                 "flash_attn": args.flash_attn, "sampler": s,
                 "variants": c.variants if case.all_variants else c.variants[:1],
                 "warmup": case.warmup if warmup else 0, "prefix_len": case.prefix_len,
@@ -420,6 +426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(all_groups),
                    help=f"comma-separated subset of {','.join(all_groups)} (default: all)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads, the same for everyone (default 2)")
+    p.add_argument("--busy-threads", type=int, default=0,
+                   help="llama.cpp threads in the busy-interpreter workload, the same for everyone "
+                        "(default: cores - 1, so that the busy Python thread has a core)")
     p.add_argument("--n-predict", type=int, default=256, help="decoded tokens on Gemma (default 256)")
     p.add_argument("--n-predict-tiny", type=int, default=256, help="decoded tokens on the tiny model (default 256)")
     p.add_argument("--n-predict-busy", type=int, default=64,
@@ -458,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.prompt_tokens = min(args.prompt_tokens, 300)
     if args.prompt_tokens + 80 > args.ctx:
         p.error("--prompt-tokens must leave room for the user turn in --ctx")
+    if args.busy_threads <= 0:
+        args.busy_threads = max(1, (os.cpu_count() or 2) - 1)
     return args
 
 
