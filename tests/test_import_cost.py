@@ -31,6 +31,19 @@ def test_importing_the_package_and_engine_loads_no_heavy_dependency() -> None:
     assert loaded_after("import xybrid\nfrom xybrid._native import _engine") == []
 
 
+def test_the_engine_alone_does_not_load_the_python_layers() -> None:
+    # The package's names are imported on first use (PEP 562).
+    probe = ("from xybrid._native import _engine\nimport sys\n"
+             "assert 'xybrid.llama_cpp_backend' not in sys.modules, sorted(sys.modules)\n"
+             "import xybrid\nassert xybrid.LlamaCppBackend.__name__ == 'LlamaCppBackend'\n"
+             "assert 'xybrid.llama_cpp_backend' in sys.modules\n"
+             "assert set(xybrid.__all__) <= set(dir(xybrid))\n"
+             "from xybrid import ChatMessage, GenerationConfig, default_model_path\n"
+             "try:\n    xybrid.NoSuchThing\nexcept AttributeError as e:\n    assert 'NoSuchThing' in str(e)\n"
+             "else:\n    raise SystemExit('no AttributeError')")
+    assert loaded_after(probe) == []
+
+
 def test_heavy_dependencies_load_when_used(tiny_llama_path) -> None:  # type: ignore[no-untyped-def]
     code = f"""
 from xybrid import LlamaCppBackend, LlmConfig, GenerationConfig
