@@ -33,6 +33,13 @@ RESULTS = BENCH_DIR / "results"
 # --- prompts -------------------------------------------------------------------
 # Tokenized once by xybrid; every contestant gets the same token ids.
 
+# The grammar workload's prompt: under llama.cpp's json.gbnf Gemma writes a
+# long JSON record from it (greedy, more than 256 tokens before the object closes).
+JSON_PROMPT = (
+    "A detailed JSON record of the lighthouse on the northern coast: its name, location, "
+    "height, the list of its keepers with their years of service, and its history:\n"
+)
+
 SHORT_PROMPT = (
     "The history of the lighthouse keepers on the northern coast is a long one. "
     "In the winter of 1892, the keeper of the old stone tower wrote in his diary that"
@@ -95,6 +102,12 @@ class Case:
     all_variants: bool = True
     prefix_len: int = 0
     threads: int = 0  # llama.cpp threads for this workload; 0: --threads
+    grammar: str = ""  # GBNF every contestant constrains the output with
+
+
+def json_grammar(llama_cpp_dir: Path) -> str:
+    """llama.cpp's JSON grammar, from the pinned source tree."""
+    return (Path(llama_cpp_dir) / "grammars" / "json.gbnf").read_text()
 
 
 def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
@@ -124,6 +137,14 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
              f"{args.busy_threads} thread(s), idle and beside a busy Python thread",
              "decode", "tiny", "short", args.n_predict_busy, GREEDY, reps=1 if quick else 3, warmup=32,
              busy=True, threads=args.busy_threads),
+        # xybrid checks the sampled token against the grammar and constrains
+        # the whole vocabulary only when it is rejected (as llama.cpp's common
+        # sampler does); the C loop and llama-cpp-python put the grammar first
+        # in the chain, constraining every candidate at every step. Greedy
+        # picks the same token either way.
+        Case("grammar", "grammar", f"Grammar-constrained: Gemma 3 270M, {n} tokens, greedy, "
+             "llama.cpp's json.gbnf", "decode", "gemma", "json", n, GREEDY, warmup=8,
+             grammar=json_grammar(args.llama_cpp_dir)),
         Case("prefill", "prefill", f"Prefill: {n_long}-token prompt on Gemma 3 270M",
              "prefill", "gemma", "long", 1, GREEDY, warmup=8),
         Case("multiturn", "multiturn",
@@ -183,6 +204,10 @@ class Worker:
                    "--warmup", str(case.warmup if warmup else 0), "--prefix-len", str(case.prefix_len)]
             if args.flash_attn:
                 cmd.append("--flash-attn")
+            if case.grammar:
+                grammar_file = tmp / f"{case.name}.gbnf"
+                grammar_file.write_text(case.grammar)
+                cmd += ["--grammar", str(grammar_file)]
         else:
             spec = {
                 "model": model, "prompt_tokens": tokens, "n_predict": case.n_predict,
@@ -190,6 +215,7 @@ class Worker:
                 "flash_attn": args.flash_attn, "sampler": s,
                 "variants": c.variants if case.all_variants else c.variants[:1],
                 "warmup": case.warmup if warmup else 0, "prefix_len": case.prefix_len,
+                "grammar": case.grammar or None,
             }
             spec_file = tmp / f"spec-{c.key}-{case.name}.json"
             spec_file.write_text(json.dumps(spec))
@@ -393,10 +419,11 @@ def run_prep(python: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     req = {
         "tiny_model": str(CACHE / "tiny-llama.gguf"),
         "llama_cpp_dir": str(args.llama_cpp_dir),
-        "gemma": any(g in args.workloads for g in ("compute", "prefill", "multiturn", "memory")),
+        "gemma": any(g in args.workloads for g in ("compute", "grammar", "prefill", "multiturn", "memory")),
         "gemma_path": args.model,
         "prompts": {
             "short": {"text": SHORT_PROMPT},
+            "json": {"text": JSON_PROMPT},
             "long": {"text": long_text(), "length": args.prompt_tokens},
             "user": {"text": USER_TURN, "add_special": False},
         },
@@ -416,7 +443,7 @@ def run_prep(python: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    all_groups = ["compute", "overhead", "prefill", "multiturn", "memory", "busy"]
+    all_groups = ["compute", "overhead", "grammar", "prefill", "multiturn", "memory", "busy"]
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="measured rounds (default 5)")
     p.add_argument("--warmup-rounds", type=int, default=1, help="rounds run first and discarded (default 1)")

@@ -77,6 +77,7 @@ typedef struct {
     const char *tokens_file;
     const char *prompt;
     const char *mode;
+    const char *grammar_file;
     int n_predict, n_threads, n_ctx, n_batch, n_ubatch, top_k, warmup, reps, reps_cleared, prefix_len;
     float temp, top_p, min_p;
     uint32_t seed;
@@ -89,6 +90,7 @@ static void usage(void) {
             "  [--n-predict N] [--threads N] [--ctx N] [--batch N] [--ubatch N]\n"
             "  [--temp F] [--top-k N] [--top-p F] [--min-p F] [--seed N] [--flash-attn]\n"
             "  [--ignore-eos] [--warmup N] [--reps N] [--reps-cleared N] [--prefix-len N] [--busy-thread] [--no-mmap]\n"
+            "  [--grammar GBNF_FILE]\n"
             "  [--serve]\n");
     exit(2);
 }
@@ -113,6 +115,7 @@ static void parse(int argc, char **argv, opts_t *o) {
         else if (ARG("--tokens")) o->tokens_file = v;
         else if (ARG("--prompt")) o->prompt = v;
         else if (ARG("--mode")) o->mode = v;
+        else if (ARG("--grammar")) o->grammar_file = v;
         else if (ARG("--n-predict")) o->n_predict = atoi(v);
         else if (ARG("--threads")) o->n_threads = atoi(v);
         else if (ARG("--ctx")) o->n_ctx = atoi(v);
@@ -138,6 +141,22 @@ static void parse(int argc, char **argv, opts_t *o) {
     if (!o->model || (!o->tokens_file && !o->prompt)) usage();
     if (o->reps_cleared < 0) o->reps_cleared = o->reps;
     if (o->n_predict < 1 || o->reps < 1 || o->n_threads < 1) usage();
+}
+
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open the grammar file");
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    if (!buf) die("out of memory");
+    size_t n;
+    while ((n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+        len += n;
+        if (len + 1 == cap && !(buf = realloc(buf, cap *= 2))) die("out of memory");
+    }
+    fclose(f);
+    buf[len] = '\0';
+    return buf;
 }
 
 static llama_token *read_tokens(const char *path, int *n_out) {
@@ -377,6 +396,15 @@ int main(int argc, char **argv) {
     struct llama_sampler_chain_params sp = llama_sampler_chain_default_params();
     sp.no_perf = true;
     llama_sampler *smpl = llama_sampler_chain_init(sp);
+    if (o.grammar_file) {
+        /* The plain way: the grammar first in the chain, applied to every
+         * candidate at every step (xybrid samples first and checks). */
+        char *gbnf = read_file(o.grammar_file);
+        llama_sampler *grammar = llama_sampler_init_grammar(vocab, gbnf, "root");
+        free(gbnf);
+        if (!grammar) die("the grammar does not parse");
+        llama_sampler_chain_add(smpl, grammar);
+    }
     if (o.temp <= 0.0f) {
         llama_sampler_chain_add(smpl, llama_sampler_init_greedy());
     } else {

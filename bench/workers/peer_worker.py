@@ -52,6 +52,8 @@ class Completion:
         self.kwargs = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                            min_p=s["min_p"], typical_p=1.0, repeat_penalty=1.0,
                            frequency_penalty=0.0, presence_penalty=0.0, seed=s["seed"])
+        if spec.get("grammar"):
+            self.kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(spec["grammar"], verbose=False)
 
     def _new_tokens(self, n_prompt: int) -> list[int]:
         # The tokens that went through llama_decode after the prompt (all

@@ -39,7 +39,7 @@ def _model_and_context(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
                       flash_attn=spec["flash_attn"])
         s = spec["sampler"]
         sampler = Sampler(model, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                          min_p=s["min_p"], seed=s["seed"])
+                          min_p=s["min_p"], seed=s["seed"], grammar=spec.get("grammar"))
         _shared.update(model=model, ctx=ctx, sampler=sampler)
     return _shared["model"], _shared["ctx"], _shared["sampler"]
 
@@ -130,7 +130,8 @@ def _user_backend(spec: dict[str, Any]) -> tuple[Any, Any]:
                                flash_attn=spec["flash_attn"]))
         s = spec["sampler"]
         config = GenerationConfig(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                  min_p=s["min_p"], seed=s["seed"], max_tokens=spec["n_predict"])
+                                  min_p=s["min_p"], seed=s["seed"], max_tokens=spec["n_predict"],
+                                  grammar=spec.get("grammar"))
         _backend.update(backend=backend, config=config)
     return _backend["backend"], _backend["config"]
 
