@@ -300,6 +300,36 @@ def test_cache_holds_only_decoded_tokens(gemma_backend: LlamaCppBackend) -> None
     assert_same_reply(second, b.generate_raw(p2, GREEDY(max_tokens=6)))
 
 
+def test_longest_prefix_reuse_keeps_the_reply_in_the_cache(tiny_llama_path: Path) -> None:
+    """prefix_reuse="longest": the decoded reply tokens stay reusable and
+    nothing is cut to an alignment, so a prompt that continues the previous
+    prompt and reply re-decodes only what is new."""
+    with LlamaCppBackend(tiny_config(tiny_llama_path).replace(prefix_reuse="longest")) as b:
+        prompt = b.model.tokenize("Once upon a time, in a land far away,", add_special=True)
+        first = b.generate_raw(prompt, GREEDY(max_tokens=9))
+        assert first.finish_reason == "length" and first.cached_prompt_tokens == 0
+        reply = list(first.token_ids)
+        # Everything but the last sampled token (never decoded) is reused.
+        follow = prompt + reply + b.model.tokenize(" and then", add_special=False)
+        second = b.generate_raw(follow, GREEDY(max_tokens=4))
+        assert second.cached_prompt_tokens == len(prompt) + len(reply) - 1
+        assert b.last_cached_prefix_len() == second.cached_prompt_tokens
+        # An identical prompt re-decodes only its last token: no alignment.
+        third = b.generate_raw(follow, GREEDY(max_tokens=4))
+        assert third.cached_prompt_tokens == len(follow) - 1
+        # A chat turn replaying the model's reply reuses more than the
+        # previous prompt alone.
+        history = [ChatMessage.system(LONG_SYSTEM), ChatMessage.user("Hello there")]
+        b.reset_cache()
+        turn1 = b.generate(history, GREEDY(max_tokens=12))
+        history += [ChatMessage.assistant(turn1.text), ChatMessage.user("Tell me more.")]
+        turn2 = b.generate(history, GREEDY(max_tokens=12))
+        assert turn2.cached_prompt_tokens is not None
+        assert turn2.cached_prompt_tokens >= turn1.prompt_tokens
+    with pytest.raises(InvalidInputError, match="prefix_reuse"):
+        tiny_config(tiny_llama_path).replace(prefix_reuse="fast")
+
+
 @pytest.mark.parametrize("kind", ["recurrent", "hybrid"])
 def test_recurrent_and_hybrid_models_take_the_full_clear_path(
         kind: str, tiny_recurrent_path: Path, tiny_hybrid_path: Path) -> None:

@@ -387,8 +387,9 @@ class LlamaCppBackend(LlmBackend):
             raise ContextOverflowError(
                 f"input too long: {len(tokens)} tokens do not fit the context window of "
                 f"{n_ctx} tokens; shorten the prompt or the conversation history")
+        exact = loaded.config.prefix_reuse == "exact"
         plan = self._cache.plan(tokens, config.max_tokens, n_ctx, loaded.model.has_recurrent_state,
-                                align=_PREFIX_ALIGN)
+                                align=_PREFIX_ALIGN if exact else 1)
         stops = (merge_stop_patterns(config.stop_sequences, CHAT_STOP_PATTERNS) if chat
                  else tuple(config.stop_sequences))
         return _Prepared(tokens, plan, stops, chat)
@@ -621,12 +622,17 @@ class LlamaCppBackend(LlmBackend):
             # positions do not correspond to token ids, so nothing can be reused.
             self._forget(loaded)
         else:
-            # Only the prompt is recorded as reusable. The generated tokens are
-            # in the cache too, but they were decoded one at a time, and their
-            # values differ slightly from a batched prefill of the same tokens;
-            # reusing them would make the next turn differ from a fresh run.
-            # seq_rm drops them when the next call keeps a prefix.
-            self._cache.commit(prepared.tokens, n_past)
+            # prefix_reuse="exact" records only the prompt. The generated tokens
+            # are in the cache too, but they were decoded one at a time, and
+            # their values differ slightly from a batched prefill of the same
+            # tokens; reusing them would make the next turn differ from a fresh
+            # run. seq_rm drops them when the next call keeps a prefix.
+            cached = prepared.tokens
+            if loaded.config.prefix_reuse == "longest":
+                # The reply tokens that went through llama_decode (not the
+                # last one sampled) are in the cache after the prompt.
+                cached = cached + list(result.tokens[:result.n_past - len(cached)])
+            self._cache.commit(cached, n_past)
         text = result.text
         stopped = result.stop_reason in ("stop", "eog")
         thinking = ""

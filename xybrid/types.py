@@ -71,6 +71,15 @@ def _as_finite_float(owner: str, name: str, value: object, requirement: str) -> 
     return number
 
 
+PREFIX_REUSE_MODES = ("exact", "longest")
+
+
+def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(owner, name, "one of " + ", ".join(repr(c) for c in choices), value)
+    return value
+
+
 def _check_optional_str(owner: str, name: str, value: object) -> str | None:
     if value is None:
         return None
@@ -238,6 +247,18 @@ class LlmConfig:
     ``chat_template`` is a format name (``"chatml"``, ``"llama2"``, ``"gemma"``)
     or a full Jinja template; ``None`` means the model's own template, or one
     inferred from the model when it carries none.
+
+    ``prefix_reuse`` says what a call may keep from the previous one's KV cache:
+
+    - ``"exact"`` (default): the previous prompt, cut to a multiple of 32
+      tokens. A cached call then gives bit-identical results to a fresh one
+      (llama.cpp's CPU kernels group batch rows, so a token's values depend on
+      where it sat in its decode batch). Costs up to 31 tokens of re-prefill
+      per turn, plus the previous reply, which is decoded again.
+    - ``"longest"``: the longest common prefix with everything in the cache,
+      the previous reply included, as llama.cpp's server does. The fastest
+      multi-turn chat; results may differ from a fresh run in the last bits,
+      which can change a close sampling decision.
     """
 
     model_path: str
@@ -249,6 +270,7 @@ class LlmConfig:
     flash_attn: bool
     chat_template: str | None
     use_mmap: bool
+    prefix_reuse: str
     mmproj_path: str | None
     model_sha256: str | None
     mmproj_sha256: str | None
@@ -265,6 +287,7 @@ class LlmConfig:
         flash_attn: bool = False,
         chat_template: str | None = None,
         use_mmap: bool = True,
+        prefix_reuse: str = "exact",
         mmproj_path: str | os.PathLike[str] | None = None,
         model_sha256: str | None = None,
         mmproj_sha256: str | None = None,
@@ -292,6 +315,7 @@ class LlmConfig:
             "flash_attn": _check_bool(owner, "flash_attn", flash_attn),
             "chat_template": _check_optional_str(owner, "chat_template", chat_template),
             "use_mmap": _check_bool(owner, "use_mmap", use_mmap),
+            "prefix_reuse": _check_choice(owner, "prefix_reuse", prefix_reuse, PREFIX_REUSE_MODES),
             "mmproj_path": _check_optional_str(owner, "mmproj_path", mmproj_path),
             "model_sha256": _check_sha256(owner, "model_sha256", model_sha256),
             "mmproj_sha256": _check_sha256(owner, "mmproj_sha256", mmproj_sha256),
