@@ -505,37 +505,56 @@ cdef class Generation:
         return xy_atomic_load(&self.g.cancel) != 0
 
     cdef object take_chunk(self):
-        """Wait (GIL released) for new bytes or the end; return the new text,
-        or None when the loop is done and everything has been taken."""
-        cdef size_t n = 0
-        cdef bint done = False
-        cdef char * grown
+        """Return the new text, waiting for it (GIL released) only when
+        nothing is ready; None when the loop is done and everything has been
+        taken.
+
+        The GIL is kept while the text is ready: releasing it costs nothing
+        on an idle interpreter, but beside a busy Python thread every
+        re-acquisition waits a switch interval (5 ms), during which a fast
+        model makes dozens of tokens. Locking `mu` with the GIL held cannot
+        deadlock: the producer holds `mu` only for a few instructions and
+        never needs the GIL. The reverse is what to avoid: after a wait,
+        `mu` is released before the GIL is taken back, or the loop would
+        stall on `mu` while this thread waits for the GIL.
+        """
+        cdef size_t n
         cdef bint oom = False
-        with nogil:
-            pthread_mutex_lock(&self.g.mu)
-            while self.g.consumed == self.g.emitted and not self.g.done:
-                pthread_cond_wait(&self.g.cond_data, &self.g.mu)
-            n = self.g.emitted - self.g.consumed
-            if n > self.scratch_cap:
-                grown = <char *> realloc(self.scratch, n)
-                if grown == NULL:
-                    oom = True
-                else:
-                    self.scratch = grown
-                    self.scratch_cap = n
-            if not oom and n > 0:
-                memcpy(self.scratch, self.g.text + self.g.consumed, n)
-                self.g.consumed = self.g.emitted
-                pthread_cond_broadcast(&self.g.cond_space)
-            done = self.g.done != 0
-            self.tokens_at_last_chunk = self.g.n_out
-            pthread_mutex_unlock(&self.g.mu)
+        pthread_mutex_lock(&self.g.mu)
+        if self.g.consumed == self.g.emitted and not self.g.done:
+            with nogil:
+                while self.g.consumed == self.g.emitted and not self.g.done:
+                    pthread_cond_wait(&self.g.cond_data, &self.g.mu)
+                n = self.take_locked(&oom)
+        else:
+            n = self.take_locked(&oom)
         if oom:
             raise MemoryError()
         if n > 0:
             self.chunk_ns.append(xy_now_ns())
             return PyBytes_FromStringAndSize(self.scratch, n).decode("utf-8", "replace")
         return None
+
+    cdef size_t take_locked(self, bint * oom) noexcept nogil:
+        """With `mu` held: move the unread bytes into `scratch`, wake the
+        producer, unlock `mu`. Returns the number of bytes taken."""
+        cdef size_t n = self.g.emitted - self.g.consumed
+        cdef char * grown
+        if n > self.scratch_cap:
+            grown = <char *> realloc(self.scratch, n)
+            if grown == NULL:
+                oom[0] = True
+                n = 0
+            else:
+                self.scratch = grown
+                self.scratch_cap = n
+        if n > 0:
+            memcpy(self.scratch, self.g.text + self.g.consumed, n)
+            self.g.consumed = self.g.emitted
+            pthread_cond_broadcast(&self.g.cond_space)
+        self.tokens_at_last_chunk = self.g.n_out
+        pthread_mutex_unlock(&self.g.mu)
+        return n
 
     def __iter__(self):
         return self
@@ -553,11 +572,20 @@ cdef class Generation:
 
     cdef void finish(self):
         """Join the worker, build the result, free the C state."""
+        cdef bint done
         if self.finished:
             return
         if self.thread_started:
-            with nogil:
+            pthread_mutex_lock(&self.g.mu)
+            done = self.g.done != 0
+            pthread_mutex_unlock(&self.g.mu)
+            if done:
+                # The loop has returned: the thread is exiting and the join
+                # is immediate, so keep the GIL (see take_chunk).
                 pthread_join(self.thread, NULL)
+            else:
+                with nogil:
+                    pthread_join(self.thread, NULL)
             self.thread_started = False
         self.result = self.build_result()
         self.finished = True
