@@ -270,7 +270,29 @@ def test_record_on_non_recording_span_is_a_no_op(monkeypatch: pytest.MonkeyPatch
 
 
 def test_record_without_opentelemetry_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A None entry in sys.modules makes the import raise ImportError.
+    # A None entry in sys.modules marks a module that cannot be imported.
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
     assert record_on_current_span(make_output()) is False
+
+
+class RecordingFinder:
+    """A meta-path finder that only notes which modules were searched for."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        self.searched.append(name)
+        return None
+
+
+def test_record_never_searches_for_an_unloaded_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Called after every generation: a failed import would search sys.path
+    # each time, and its file system calls give the GIL away.
+    monkeypatch.delitem(sys.modules, "opentelemetry", raising=False)
+    monkeypatch.delitem(sys.modules, "opentelemetry.trace", raising=False)
+    finder = RecordingFinder()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    assert record_on_current_span(make_output()) is False
+    assert finder.searched == []

@@ -9,8 +9,8 @@ to test. The OpenTelemetry hook is optional: nothing here needs the
 
 from __future__ import annotations
 
-import importlib
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -212,11 +212,13 @@ def record_on_current_span(output: GenerationOutput) -> bool:
     installed, or no recording span is active, nothing happens and False is
     returned: tracing is an optional extra, never a requirement.
     """
-    try:
-        # Imported by name so that neither the import nor its typing depends on
-        # the optional package being installed.
-        trace: Any = importlib.import_module("opentelemetry.trace")
-    except ImportError:
+    # No span can be active unless the caller's tracing has already loaded
+    # opentelemetry.trace, so look in sys.modules instead of importing: a
+    # failed import searches sys.path on every call, and each of its file
+    # system calls hands the GIL to other threads (a switch interval, 5 ms,
+    # to get it back when one is busy).
+    trace: Any = sys.modules.get("opentelemetry.trace")
+    if trace is None:
         return False
     span = trace.get_current_span()
     if not span.is_recording():
