@@ -31,6 +31,16 @@ def test_importing_the_package_and_engine_loads_no_heavy_dependency() -> None:
     assert loaded_after("import xybrid\nfrom xybrid._native import _engine") == []
 
 
+def test_importing_the_engine_does_not_load_typing() -> None:
+    # ~1.6 MiB of resident memory in every process: the engine's peak RSS
+    # is measured against a C program's (bench/).
+    probe = ("import xybrid\nfrom xybrid._native import _engine\nimport sys\n"
+             "assert 'typing' not in sys.modules, 'typing'")
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+
+
 def test_the_engine_alone_does_not_load_the_python_layers() -> None:
     # The package's names are imported on first use (PEP 562).
     probe = ("from xybrid._native import _engine\nimport sys\n"
