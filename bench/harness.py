@@ -102,6 +102,7 @@ class Case:
     all_variants: bool = True
     prefix_len: int = 0
     threads: int = 0  # llama.cpp threads for this workload; 0: --threads
+    n_predict_peer: int = 0  # llama-cpp-python's decoded tokens, when fewer; 0: n_predict
     grammar: str = ""  # GBNF every contestant constrains the output with
 
 
@@ -122,21 +123,26 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
              "decode", "gemma", "short", n, CHAIN, warmup=8),
         Case("overhead", "overhead", f"Overhead-bound: tiny random llama, {n_tiny} tokens, greedy",
              "decode", "tiny", "short", n_tiny, GREEDY, reps=2 if quick else 5, warmup=32),
-        # Each cycle runs every variant idle, then with the busy thread. Fewer
-        # tokens than `overhead`: llama-cpp-python re-detokenizes the whole
-        # completion at every step, one ctypes call per token, and every call
-        # gives the GIL away and waits up to a switch interval (5 ms) to get
-        # it back, so its time grows with the square of the length: 256
-        # tokens take minutes per generation.
+        # Each cycle runs every variant idle, then with the busy thread.
+        # llama-cpp-python decodes fewer tokens (--n-predict-busy-peer): it
+        # re-detokenizes the whole completion at every step, one ctypes call
+        # per token, and every call gives the GIL away and waits up to a
+        # switch interval (5 ms) to get it back, so its time grows with the
+        # square of the length (minutes per generation at 256 tokens). A
+        # shorter run only flatters it. The others decode enough tokens that
+        # the one GIL hand-back every Python caller pays at the end of a call
+        # (up to 5 ms) does not dominate the rate.
         # On fewer threads than cores (--busy-threads), so that the busy
         # thread has a core of its own: with every core decoding, one more
         # busy thread slows any program down (the C loop beside a spinning C
         # thread keeps ~0.57 of its rate on 2 threads and 2 cores), and the
         # workload would measure core contention instead of the interpreter.
-        Case("busy", "busy", f"Busy interpreter: tiny model, {args.n_predict_busy} tokens, "
+        Case("busy", "busy", f"Busy interpreter: tiny model, {args.n_predict_busy} tokens "
+             f"(llama-cpp-python {min(args.n_predict_busy_peer, args.n_predict_busy)}), "
              f"{args.busy_threads} thread(s), idle and beside a busy Python thread",
              "decode", "tiny", "short", args.n_predict_busy, GREEDY, reps=1 if quick else 3, warmup=32,
-             busy=True, threads=args.busy_threads),
+             busy=True, threads=args.busy_threads,
+             n_predict_peer=min(args.n_predict_busy_peer, args.n_predict_busy)),
         # xybrid checks the sampled token against the grammar and constrains
         # the whole vocabulary only when it is rejected (as llama.cpp's common
         # sampler does); the C loop and llama-cpp-python put the grammar first
@@ -192,12 +198,13 @@ class Worker:
         tokens = prep["tokens"][case.model][case.prompt]
         model = prep["models"][case.model]
         s = case.sampler
+        n_predict = case.n_predict_peer if c.key == "peer" and case.n_predict_peer else case.n_predict
         if c.key == "native":
             tok_file = tmp / f"{case.model}-{case.prompt}.tokens"
             if not tok_file.exists():
                 tok_file.write_text(" ".join(map(str, tokens)))
             cmd = [str(c.binary), "--serve", "--model", model, "--tokens", str(tok_file),
-                   "--n-predict", str(case.n_predict), "--threads", str(case.threads or args.threads),
+                   "--n-predict", str(n_predict), "--threads", str(case.threads or args.threads),
                    "--ctx", str(args.ctx), "--batch", str(args.batch), "--ubatch", str(args.batch),
                    "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
                    "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]),
@@ -210,12 +217,12 @@ class Worker:
                 cmd += ["--grammar", str(grammar_file)]
         else:
             spec = {
-                "model": model, "prompt_tokens": tokens, "n_predict": case.n_predict,
+                "model": model, "prompt_tokens": tokens, "n_predict": n_predict,
                 "threads": case.threads or args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
                 "flash_attn": args.flash_attn, "sampler": s,
                 "variants": c.variants if case.all_variants else c.variants[:1],
                 "warmup": case.warmup if warmup else 0, "prefix_len": case.prefix_len,
-                "grammar": case.grammar or None,
+                "grammar": case.grammar or None, "prefix_reuse": args.backend_prefix_reuse,
             }
             spec_file = tmp / f"spec-{c.key}-{case.name}.json"
             spec_file.write_text(json.dumps(spec))
@@ -458,8 +465,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: cores - 1, so that the busy Python thread has a core)")
     p.add_argument("--n-predict", type=int, default=256, help="decoded tokens on Gemma (default 256)")
     p.add_argument("--n-predict-tiny", type=int, default=256, help="decoded tokens on the tiny model (default 256)")
-    p.add_argument("--n-predict-busy", type=int, default=64,
-                   help="decoded tokens in the busy-interpreter workload (default 64)")
+    p.add_argument("--n-predict-busy", type=int, default=256,
+                   help="decoded tokens in the busy-interpreter workload (default 256)")
+    p.add_argument("--n-predict-busy-peer", type=int, default=64,
+                   help="llama-cpp-python's decoded tokens in the busy-interpreter workload "
+                        "(default 64: its time grows with the square of the length there)")
+    p.add_argument("--backend-prefix-reuse", choices=("exact", "longest"), default="longest",
+                   help="LlmConfig.prefix_reuse of the LlamaCppBackend variants (default longest, "
+                        "the longest common prefix as llama-cpp-python reuses it)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="length of the prefill/multi-turn prompt")
     p.add_argument("--ctx", type=int, default=2048, help="n_ctx for everyone (default 2048)")
     p.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch for everyone (default 512)")

@@ -127,7 +127,8 @@ def _user_backend(spec: dict[str, Any]) -> tuple[Any, Any]:
         backend = LlamaCppBackend()
         backend.load(LlmConfig(spec["model"], context_length=spec["n_ctx"], n_threads=spec["threads"],
                                n_batch=spec["n_batch"], n_ubatch=spec["n_batch"],
-                               flash_attn=spec["flash_attn"]))
+                               flash_attn=spec["flash_attn"],
+                               prefix_reuse=spec.get("prefix_reuse", "exact")))
         s = spec["sampler"]
         config = GenerationConfig(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                   min_p=s["min_p"], seed=s["seed"], max_tokens=spec["n_predict"],
@@ -140,9 +141,10 @@ class Backend:
     """``LlamaCppBackend.generate_raw(token_ids, config)``, no callback.
 
     Its prefix cache is reset before each measured generation (every
-    contestant starts from an empty cache), and it ends reuse on a multiple
-    of 32 tokens, so the multi-turn figure re-decodes up to 31 more prompt
-    tokens than the engine's exact ``seq_rm``.
+    contestant starts from an empty cache). ``LlmConfig.prefix_reuse`` comes
+    from ``--backend-prefix-reuse``: with "longest" the multi-turn turn
+    re-decodes what the engine's ``seq_rm`` does; with "exact" (the
+    library's default) reuse ends on a multiple of 32 tokens, up to 31 more.
     """
 
     streaming = False
