@@ -24,6 +24,11 @@ from typing import Any
 
 from bench import native, peer_env, report
 
+# xybrid.types.PREFIX_REUSE_MODES. The harness imports nothing from xybrid:
+# run from the repository root, `xybrid` is the source tree, which has no
+# compiled extension; the workers import the installed package.
+PREFIX_REUSE_MODES = ("exact", "longest")
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CACHE = BENCH_DIR / ".cache"
@@ -115,6 +120,7 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
     n = args.n_predict
     n_tiny = args.n_predict_tiny
     quick = args.quick
+    n_busy_peer = min(args.n_predict_busy_peer, args.n_predict_busy)
     cases = [
         Case("compute-greedy", "compute", f"Compute-bound: Gemma 3 270M, {n} tokens, greedy",
              "decode", "gemma", "short", n, GREEDY, warmup=8),
@@ -138,11 +144,11 @@ def make_cases(args: argparse.Namespace, n_long: int) -> list[Case]:
         # thread keeps ~0.57 of its rate on 2 threads and 2 cores), and the
         # workload would measure core contention instead of the interpreter.
         Case("busy", "busy", f"Busy interpreter: tiny model, {args.n_predict_busy} tokens "
-             f"(llama-cpp-python {min(args.n_predict_busy_peer, args.n_predict_busy)}), "
+             f"(llama-cpp-python {n_busy_peer}), "
              f"{args.busy_threads} thread(s), idle and beside a busy Python thread",
              "decode", "tiny", "short", args.n_predict_busy, GREEDY, reps=1 if quick else 3, warmup=32,
              busy=True, threads=args.busy_threads,
-             n_predict_peer=min(args.n_predict_busy_peer, args.n_predict_busy)),
+             n_predict_peer=n_busy_peer),
         # xybrid checks the sampled token against the grammar and constrains
         # the whole vocabulary only when it is rejected (as llama.cpp's common
         # sampler does); the C loop and llama-cpp-python put the grammar first
@@ -470,7 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-predict-busy-peer", type=int, default=64,
                    help="llama-cpp-python's decoded tokens in the busy-interpreter workload "
                         "(default 64: its time grows with the square of the length there)")
-    p.add_argument("--backend-prefix-reuse", choices=("exact", "longest"), default="longest",
+    p.add_argument("--backend-prefix-reuse", choices=PREFIX_REUSE_MODES, default="longest",
                    help="LlmConfig.prefix_reuse of the LlamaCppBackend variants (default longest, "
                         "the longest common prefix as llama-cpp-python reuses it)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="length of the prefill/multi-turn prompt")
