@@ -478,7 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 64: its time grows with the square of the length there)")
     p.add_argument("--backend-prefix-reuse", choices=PREFIX_REUSE_MODES, default="longest",
                    help="LlmConfig.prefix_reuse of the LlamaCppBackend variants (default longest, "
-                        "the longest common prefix as llama-cpp-python reuses it)")
+                        "the library's default and the longest common prefix as "
+                        "llama-cpp-python reuses it)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="length of the prefill/multi-turn prompt")
     p.add_argument("--ctx", type=int, default=2048, help="n_ctx for everyone (default 2048)")
     p.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch for everyone (default 512)")

@@ -113,7 +113,9 @@ def gemma_backend_session(gemma_path: Path):  # type: ignore[no-untyped-def]
     from xybrid.llama_cpp_backend import LlamaCppBackend
     from xybrid.types import LlmConfig
 
-    backend = LlamaCppBackend(LlmConfig(gemma_path, context_length=1024, n_threads=1))
+    # prefix_reuse="exact": the backend tests assert the aligned reuse.
+    backend = LlamaCppBackend(LlmConfig(gemma_path, context_length=1024, n_threads=1,
+                                        prefix_reuse="exact"))
     yield backend
     backend.unload()
 

@@ -22,9 +22,10 @@ logits, checked below), and the Gemma multi-turn test compares a conversation
 whose answers are confident. Likewise a Gemma test that repeats a prompt and
 wants the same output calls ``reset_cache()`` first.
 
-The backend keeps reused prefixes on a multiple of ``_PREFIX_ALIGN`` tokens
-(32) to keep the row grouping of a cached run equal to a fresh one, so the
-conversations here start with a system prompt long enough for that.
+Most tests here use ``prefix_reuse="exact"``, which keeps reused prefixes on a
+multiple of ``_PREFIX_ALIGN`` tokens (32) to keep the row grouping of a cached
+run equal to a fresh one, so the conversations start with a system prompt
+long enough for that. The default, ``"longest"``, has tests of its own.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def tiny_config(path: Path, **kw: object) -> LlmConfig:
     kw.setdefault("context_length", 512)
     kw.setdefault("n_threads", 1)
     kw.setdefault("chat_template", "chatml")
+    # The cache bookkeeping asserted here is the aligned, bit-identical mode;
+    # "longest" has its own test.
+    kw.setdefault("prefix_reuse", "exact")
     return LlmConfig(path, **kw)  # type: ignore[arg-type]
 
 

@@ -172,6 +172,7 @@ def test_llm_config_defaults() -> None:
     assert config.flash_attn is False
     assert config.chat_template is None
     assert config.use_mmap is True
+    assert config.prefix_reuse == "longest"
 
 
 def test_llm_config_accepts_pathlike_and_stores_str(tmp_path: Path) -> None:

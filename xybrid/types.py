@@ -250,15 +250,16 @@ class LlmConfig:
 
     ``prefix_reuse`` says what a call may keep from the previous one's KV cache:
 
-    - ``"exact"`` (default): the previous prompt, cut to a multiple of 32
-      tokens. A cached call then gives bit-identical results to a fresh one
-      (llama.cpp's CPU kernels group batch rows, so a token's values depend on
-      where it sat in its decode batch). Costs up to 31 tokens of re-prefill
-      per turn, plus the previous reply, which is decoded again.
-    - ``"longest"``: the longest common prefix with everything in the cache,
-      the previous reply included, as llama.cpp's server does. The fastest
-      multi-turn chat; results may differ from a fresh run in the last bits,
-      which can change a close sampling decision.
+    - ``"longest"`` (default): the longest common prefix with everything in
+      the cache, the previous reply included, as llama.cpp's server and
+      llama-cpp-python do. The fastest multi-turn chat; results may differ
+      from a fresh run in the last bits, which can change a close sampling
+      decision.
+    - ``"exact"``: the previous prompt, cut to a multiple of 32 tokens. A
+      cached call then gives bit-identical results to a fresh one (llama.cpp's
+      CPU kernels group batch rows, so a token's values depend on where it sat
+      in its decode batch). Costs up to 31 tokens of re-prefill per turn, plus
+      the previous reply, which is decoded again. For reproducible evaluations.
     """
 
     model_path: str
@@ -287,7 +288,7 @@ class LlmConfig:
         flash_attn: bool = False,
         chat_template: str | None = None,
         use_mmap: bool = True,
-        prefix_reuse: str = "exact",
+        prefix_reuse: str = "longest",
         mmproj_path: str | os.PathLike[str] | None = None,
         model_sha256: str | None = None,
         mmproj_sha256: str | None = None,

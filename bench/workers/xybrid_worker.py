@@ -128,7 +128,7 @@ def _user_backend(spec: dict[str, Any]) -> tuple[Any, Any]:
         backend.load(LlmConfig(spec["model"], context_length=spec["n_ctx"], n_threads=spec["threads"],
                                n_batch=spec["n_batch"], n_ubatch=spec["n_batch"],
                                flash_attn=spec["flash_attn"],
-                               prefix_reuse=spec.get("prefix_reuse", "exact")))
+                               prefix_reuse=spec.get("prefix_reuse", "longest")))
         s = spec["sampler"]
         config = GenerationConfig(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                   min_p=s["min_p"], seed=s["seed"], max_tokens=spec["n_predict"],
@@ -142,9 +142,9 @@ class Backend:
 
     Its prefix cache is reset before each measured generation (every
     contestant starts from an empty cache). ``LlmConfig.prefix_reuse`` comes
-    from ``--backend-prefix-reuse``: with "longest" the multi-turn turn
-    re-decodes what the engine's ``seq_rm`` does; with "exact" (the
-    library's default) reuse ends on a multiple of 32 tokens, up to 31 more.
+    from ``--backend-prefix-reuse``: with "longest" (the library's default)
+    the multi-turn turn re-decodes what the engine's ``seq_rm`` does; with
+    "exact" reuse ends on a multiple of 32 tokens, up to 31 more.
     """
 
     streaming = False
