@@ -33,6 +33,7 @@
  * --busy-thread starts a thread that spins on the CPU during the measured
  * runs: the CPU contention that a busy Python thread causes, without a GIL.
  */
+#define _GNU_SOURCE /* RUSAGE_THREAD */
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -217,7 +218,25 @@ typedef struct {
     char *text;
     size_t text_len, text_cap;
     const char *stop_reason;
+    /* The loop thread's CPU time and context switches (waits: voluntary,
+     * preemptions: involuntary) over the run, as xybrid's GenerationResult
+     * reports them; -1 where unknown. */
+    int64_t cpu_ns, waits, preemptions;
 } run_t;
+
+typedef struct {
+    int64_t cpu_ns, waits, preemptions;
+} usage_t;
+
+static int thread_usage(usage_t *u) {
+    struct timespec ts;
+    struct rusage ru;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0 || getrusage(RUSAGE_THREAD, &ru) != 0) return -1;
+    u->cpu_ns = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    u->waits = ru.ru_nvcsw;
+    u->preemptions = ru.ru_nivcsw;
+    return 0;
+}
 
 static void run_generate(engine_t *e, const llama_token *prompt, int n_prompt, int n_predict,
                          int ignore_eos, run_t *r) {
@@ -229,6 +248,8 @@ static void run_generate(engine_t *e, const llama_token *prompt, int n_prompt, i
     llama_memory_clear(llama_get_memory(e->ctx), true);
     llama_sampler_reset(e->smpl);
 
+    usage_t u0, u1;
+    int usage_ok = thread_usage(&u0) == 0;
     r->t_start = now_ns();
     if (decode(e, prompt, n_prompt, 0) != 0) die("prefill failed");
     r->t_prefill_end = now_ns();
@@ -255,6 +276,10 @@ static void run_generate(engine_t *e, const llama_token *prompt, int n_prompt, i
         n_past++;
     }
     r->t_end = now_ns();
+    usage_ok = usage_ok && thread_usage(&u1) == 0;
+    r->cpu_ns = usage_ok ? u1.cpu_ns - u0.cpu_ns : -1;
+    r->waits = usage_ok ? u1.waits - u0.waits : -1;
+    r->preemptions = usage_ok ? u1.preemptions - u0.preemptions : -1;
 }
 
 static void free_run(run_t *r) {
@@ -327,9 +352,13 @@ static void json_str(const char *s, size_t n) {
 static void print_run(const run_t *r) {
     printf("{\"t_start_ns\": %" PRId64 ", \"t_prefill_end_ns\": %" PRId64 ", \"t_first_ns\": %" PRId64
            ", \"t_end_ns\": %" PRId64 ", \"n_tokens\": %d, \"n_chunks\": 0, \"stop_reason\": \"%s\""
-           ", \"t_loop_first_ns\": %" PRId64 ", \"t_loop_last_ns\": %" PRId64 ", \"tokens\": [",
+           ", \"t_loop_first_ns\": %" PRId64 ", \"t_loop_last_ns\": %" PRId64,
            r->t_start, r->t_prefill_end, r->n_out ? r->token_ns[0] : r->t_end, r->t_end, r->n_out,
            r->stop_reason, r->n_out ? r->token_ns[0] : 0, r->n_out ? r->token_ns[r->n_out - 1] : 0);
+    if (r->cpu_ns >= 0)
+        printf(", \"loop_cpu_ns\": %" PRId64 ", \"loop_waits\": %" PRId64 ", \"loop_preemptions\": %" PRId64,
+               r->cpu_ns, r->waits, r->preemptions);
+    printf(", \"tokens\": [");
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %d" : "%d", r->tokens[i]);
     printf("], \"token_ns\": [");
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %" PRId64 : "%" PRId64, r->token_ns[i]);

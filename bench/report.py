@@ -58,6 +58,8 @@ def figures(kind: str, v: dict[str, Any], result: dict[str, Any], n_prompt: int)
         if v.get("idle_runs"):
             f["idle_tps"] = _decode_tps(v["idle_runs"])
             f["idle_loop_tps"] = _loop_tps(v["idle_runs"])
+            f["usage"] = _loop_usage(runs)
+            f["idle_usage"] = _loop_usage(v["idle_runs"])
         f["ttft_ms"] = _median([(r["t_first_ns"] - r["t_start_ns"]) / 1e6 for r in runs])
         f["n_tokens"] = min(r["n_tokens"] for r in runs)
         f["n_chunks"] = _median([r["n_chunks"] for r in runs])
@@ -92,6 +94,22 @@ def _loop_tps(runs: list[dict[str, Any]]) -> float | None:
     tps = [(r["n_tokens"] - 1) / ((r["t_loop_last_ns"] - r["t_loop_first_ns"]) / 1e9)
            for r in runs if r.get("t_loop_last_ns", 0) > r.get("t_loop_first_ns", 0) and r["n_tokens"] >= 2]
     return _median(tps) if tps else None
+
+
+def _loop_usage(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Medians over runs of what the OS gave the loop's thread: CPU µs per
+    generated token, its share of the wall time of the call, and its
+    voluntary (waits) and involuntary (preemptions) context switches."""
+    usable = [r for r in runs if r.get("loop_cpu_ns", -1) >= 0 and r["n_tokens"] > 0
+              and r["t_end_ns"] > r["t_start_ns"]]
+    if not usable:
+        return None
+    return {
+        "cpu_us_per_token": _median([r["loop_cpu_ns"] / r["n_tokens"] / 1e3 for r in usable]),
+        "cpu_share": _median([r["loop_cpu_ns"] / (r["t_end_ns"] - r["t_start_ns"]) for r in usable]),
+        "waits": _median([r["loop_waits"] for r in usable]),
+        "preemptions": _median([r["loop_preemptions"] for r in usable]),
+    }
 
 
 def _same_tokens(x: list[int], ref: list[int]) -> bool:
@@ -186,6 +204,10 @@ def analyse(records: list[dict[str, Any]], cases: list[Any], contestants: list[A
                 kept_loop = [f["loop_tps"] / f["idle_loop_tps"] for f in rounds.values()
                              if f.get("loop_tps") and f.get("idle_loop_tps")]
                 row["kept_loop"] = summary(kept_loop)
+                for which in ("usage", "idle_usage"):
+                    got = [f[which] for f in rounds.values() if f.get(which)]
+                    if got:
+                        row[which] = {k: summary([u[k] for u in got]) for k in got[0]}
             rows.append(row)
         out_cases.append({"name": case.name, "title": case.title, "kind": case.kind, "model": case.model,
                           "n_predict": case.n_predict, "sampler": case.sampler, "busy": case.busy,
@@ -316,6 +338,28 @@ def markdown(a: dict[str, Any], meta: dict[str, Any]) -> str:
                          "one more busy thread costs any program on these cores. llama-cpp-python decodes "
                          "fewer tokens here (see the title): its time grows with the square of the length "
                          "beside a busy thread, so a shorter run only flatters it.")
+                usage_rows = [r for r in c["rows"] if r.get("usage") and r.get("idle_usage")]
+                if usage_rows:
+                    L.append("")
+                    L.append("What the OS gave the thread that runs the loop (medians of per-round medians; "
+                             "CPU time from `CLOCK_THREAD_CPUTIME_ID`, context switches from "
+                             "`getrusage(RUSAGE_THREAD)`, prefill of the short prompt included):")
+                    L.append("")
+                    L.append("| contestant | CPU µs/token idle | CPU µs/token busy | share of the call's wall "
+                             "time on a CPU, idle | the same, busy | waits per run, busy | preemptions "
+                             "per run, busy |")
+                    L.append("|---|---|---|---|---|---|---|")
+                    for r in usage_rows:
+                        u, i = r["usage"], r["idle_usage"]
+                        L.append(f"| {r['label']} | {fmt(i['cpu_us_per_token'], 1)} | "
+                                 f"{fmt(u['cpu_us_per_token'], 1)} | {fmt(i['cpu_share'], 3)} | "
+                                 f"{fmt(u['cpu_share'], 3)} | {fmt(u['waits'], 0)} | "
+                                 f"{fmt(u['preemptions'], 0)} |")
+                    L.append("")
+                    L.append("A loop that waited for the consumer or the GIL would show waits; one that lost "
+                             "its CPU to the busy thread, preemptions and a lower share; the same share with "
+                             "more CPU per token means each token cost more instructions or cycles (the "
+                             "busy thread's sibling load on caches and the memory bus).")
         elif c["kind"] == "multiturn":
             L.append("| contestant | TTFT with prefix reuse ms | TTFT cache cleared ms | reuse speed-up | "
                      "×native (reuse) | ×llama-cpp-python (reuse) |")

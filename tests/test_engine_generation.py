@@ -633,6 +633,27 @@ def test_bounded_buffer_holds_the_loop_back(ctx, gemma_model, gemma_greedy, prom
     assert ctx.seq_pos_max(0) < len(prompt_tokens) + 4
 
 
+def test_loop_thread_usage_tells_waiting_from_running(ctx, gemma_greedy, prompt_tokens):
+    """The result says what the OS gave the loop's thread. Run inline with
+    the GIL released, the loop never waits; held back by a consumer that
+    reads slowly from a one-byte buffer, it waits for nearly every token."""
+    ctx.generate(prompt_tokens, gemma_greedy, max_tokens=4)  # weights paged in
+    ctx.memory_clear()
+    inline = ctx.generate(prompt_tokens, gemma_greedy, max_tokens=16)
+    assert 0 < inline.loop_cpu_ns <= inline.t_end_ns - inline.t_start_ns + 1_000_000
+    assert inline.loop_waits == 0
+    assert inline.loop_preemptions >= 0
+    ctx.memory_clear()
+
+    def slow(chunk: str) -> None:
+        time.sleep(0.005)
+
+    held = ctx.generate(prompt_tokens, gemma_greedy, max_tokens=16, on_text=slow, buffer_limit=1)
+    assert len(held.tokens) == 16
+    assert held.loop_waits >= 8  # one wait per token it had to hold back, give or take
+    assert 0 < held.loop_cpu_ns < held.t_end_ns - held.t_start_ns
+
+
 # --------------------------------------------------------------------------
 # stop reasons
 # --------------------------------------------------------------------------

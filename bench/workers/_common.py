@@ -54,6 +54,11 @@ class Run:
     # consumer does.
     t_loop_first_ns: int = 0
     t_loop_last_ns: int = 0
+    # What the OS gave the loop's thread over the run (-1: unknown): CPU
+    # time, voluntary switches (it waited) and involuntary ones (preempted).
+    loop_cpu_ns: int = -1
+    loop_waits: int = -1
+    loop_preemptions: int = -1
 
 
 class BusyThread:

@@ -95,6 +95,9 @@ class GenerationResult:
     token_ns: list[int]
     chunk_ns: list[int]
     perf: dict[str, float]
+    loop_cpu_ns: int | None
+    loop_waits: int | None
+    loop_preemptions: int | None
 
 class Generation(Iterator[str]):
     result: GenerationResult | None

@@ -41,6 +41,11 @@ from xybrid.errors import (
 
 cdef extern from "engine_support.h" nogil:
     int64_t xy_now_ns()
+    ctypedef struct xy_thread_usage_t:
+        int64_t cpu_ns
+        int64_t waits
+        int64_t preemptions
+    int xy_thread_usage(xy_thread_usage_t * u)
     int xy_atomic_load(const int * p)
     void xy_atomic_store(int * p, int v)
     int64_t xy_find(const char * hay, size_t hay_len, const char * needle, size_t needle_len)

@@ -71,6 +71,9 @@ cdef struct GenState:
     int64_t t_start_ns
     int64_t t_prefill_end_ns
     int64_t t_end_ns
+    bint usage_ok               # the platform reports per-thread usage
+    xy_thread_usage_t usage_start   # the loop thread's, at the start and the end
+    xy_thread_usage_t usage_end
     # cross-thread
     int cancel                  # atomic: set by any thread, read every step
     int done                    # set under mu when the loop has finished
@@ -201,6 +204,8 @@ cdef int gen_accept_token(GenState * g, llama_token tok) noexcept nogil:
 
 
 cdef void gen_finish(GenState * g, int reason) noexcept nogil:
+    if g.usage_ok:
+        g.usage_ok = xy_thread_usage(&g.usage_end) == 0
     if g.streaming:
         pthread_mutex_lock(&g.mu)
     g.reason = reason
@@ -224,6 +229,7 @@ cdef void gen_run(GenState * g) noexcept nogil:
     cdef llama_token tok
     cdef int acc
     g.t_start_ns = xy_now_ns()
+    g.usage_ok = xy_thread_usage(&g.usage_start) == 0
     rc = 0
     if g.n_prompt > 0:  # 0: the logits of a previous decode are ready
         rc = decode_tokens(g.ctx, g.batch, g.n_batch, g.prompt, g.n_prompt, g.n_past, g.seq_id, True, &g.cancel)
@@ -288,6 +294,13 @@ cdef class GenerationResult:
     Times are integer nanoseconds of :func:`monotonic_ns`. ``n_past`` is the
     number of positions of the sequence in the cache afterwards (prompt plus
     the generated tokens that were decoded).
+
+    ``loop_cpu_ns``, ``loop_waits`` and ``loop_preemptions`` say what the OS
+    gave the thread that ran the loop (prefill included; llama.cpp's own
+    worker threads, when ``n_threads > 1``, are not counted): its CPU time,
+    how often it was switched out to wait (a full stream buffer, a lock),
+    and how often another thread took its CPU. ``None`` where the platform
+    does not report per-thread usage.
     """
     cdef readonly list tokens
     cdef readonly str text
@@ -301,6 +314,9 @@ cdef class GenerationResult:
     cdef readonly list token_ns
     cdef readonly list chunk_ns
     cdef readonly dict perf
+    cdef readonly object loop_cpu_ns
+    cdef readonly object loop_waits
+    cdef readonly object loop_preemptions
 
     def __repr__(self):
         return (f"<GenerationResult {self.stop_reason} tokens={len(self.tokens)} "
@@ -629,6 +645,10 @@ cdef class Generation:
         r.token_ns = [g.token_ns[i] for i in range(g.n_out)]
         r.chunk_ns = self.chunk_ns
         r.perf = self.context.perf()
+        if g.usage_ok:
+            r.loop_cpu_ns = g.usage_end.cpu_ns - g.usage_start.cpu_ns
+            r.loop_waits = g.usage_end.waits - g.usage_start.waits
+            r.loop_preemptions = g.usage_end.preemptions - g.usage_start.preemptions
         if g.reason == REASON_ERROR:
             self.error = self.describe_error()
         return r

@@ -28,6 +28,34 @@ static inline int64_t xy_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + (int64_t)ts.tv_nsec;
 }
 
+/* What the OS has given the calling thread: CPU time, and how often it was
+ * switched out because it waited (voluntary: a lock, a condition variable)
+ * or because another thread took its CPU (involuntary). A loop that slows
+ * down beside a busy thread while its waits stay at zero is losing the CPU,
+ * not waiting for us. Returns 0, or -1 where the platform cannot say. */
+#include <sys/resource.h>
+typedef struct {
+    int64_t cpu_ns;
+    int64_t waits;
+    int64_t preemptions;
+} xy_thread_usage_t;
+
+static inline int xy_thread_usage(xy_thread_usage_t *u) {
+#if defined(RUSAGE_THREAD) && defined(CLOCK_THREAD_CPUTIME_ID)
+    struct timespec ts;
+    struct rusage ru;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0 || getrusage(RUSAGE_THREAD, &ru) != 0)
+        return -1;
+    u->cpu_ns = (int64_t)ts.tv_sec * 1000000000LL + (int64_t)ts.tv_nsec;
+    u->waits = (int64_t)ru.ru_nvcsw;
+    u->preemptions = (int64_t)ru.ru_nivcsw;
+    return 0;
+#else
+    (void)u;
+    return -1;
+#endif
+}
+
 static inline int xy_atomic_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void xy_atomic_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
