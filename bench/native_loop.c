@@ -356,8 +356,8 @@ static void print_run(const run_t *r) {
            r->t_start, r->t_prefill_end, r->n_out ? r->token_ns[0] : r->t_end, r->t_end, r->n_out,
            r->stop_reason, r->n_out ? r->token_ns[0] : 0, r->n_out ? r->token_ns[r->n_out - 1] : 0);
     if (r->cpu_ns >= 0)
-        printf(", \"loop_cpu_ns\": %" PRId64 ", \"loop_waits\": %" PRId64 ", \"loop_preemptions\": %" PRId64,
-               r->cpu_ns, r->waits, r->preemptions);
+        printf(", \"loop_wall_ns\": %" PRId64 ", \"loop_cpu_ns\": %" PRId64 ", \"loop_waits\": %" PRId64
+               ", \"loop_preemptions\": %" PRId64, r->t_end - r->t_start, r->cpu_ns, r->waits, r->preemptions);
     printf(", \"tokens\": [");
     for (int i = 0; i < r->n_out; i++) printf(i ? ", %d" : "%d", r->tokens[i]);
     printf("], \"token_ns\": [");

@@ -98,15 +98,15 @@ def _loop_tps(runs: list[dict[str, Any]]) -> float | None:
 
 def _loop_usage(runs: list[dict[str, Any]]) -> dict[str, float] | None:
     """Medians over runs of what the OS gave the loop's thread: CPU µs per
-    generated token, its share of the wall time of the call, and its
+    generated token, its share of the loop's own wall time on a CPU, and its
     voluntary (waits) and involuntary (preemptions) context switches."""
     usable = [r for r in runs if r.get("loop_cpu_ns", -1) >= 0 and r["n_tokens"] > 0
-              and r["t_end_ns"] > r["t_start_ns"]]
+              and r.get("loop_wall_ns", -1) > 0]
     if not usable:
         return None
     return {
         "cpu_us_per_token": _median([r["loop_cpu_ns"] / r["n_tokens"] / 1e3 for r in usable]),
-        "cpu_share": _median([r["loop_cpu_ns"] / (r["t_end_ns"] - r["t_start_ns"]) for r in usable]),
+        "cpu_share": _median([r["loop_cpu_ns"] / r["loop_wall_ns"] for r in usable]),
         "waits": _median([r["loop_waits"] for r in usable]),
         "preemptions": _median([r["loop_preemptions"] for r in usable]),
     }
@@ -345,7 +345,7 @@ def markdown(a: dict[str, Any], meta: dict[str, Any]) -> str:
                              "CPU time from `CLOCK_THREAD_CPUTIME_ID`, context switches from "
                              "`getrusage(RUSAGE_THREAD)`, prefill of the short prompt included):")
                     L.append("")
-                    L.append("| contestant | CPU µs/token idle | CPU µs/token busy | share of the call's wall "
+                    L.append("| contestant | CPU µs/token idle | CPU µs/token busy | share of the loop's wall "
                              "time on a CPU, idle | the same, busy | waits per run, busy | preemptions "
                              "per run, busy |")
                     L.append("|---|---|---|---|---|---|---|")

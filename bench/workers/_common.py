@@ -55,7 +55,9 @@ class Run:
     t_loop_first_ns: int = 0
     t_loop_last_ns: int = 0
     # What the OS gave the loop's thread over the run (-1: unknown): CPU
-    # time, voluntary switches (it waited) and involuntary ones (preempted).
+    # time, voluntary switches (it waited) and involuntary ones (preempted),
+    # and the loop's own wall time (prefill included) they compare with.
+    loop_wall_ns: int = -1
     loop_cpu_ns: int = -1
     loop_waits: int = -1
     loop_preemptions: int = -1

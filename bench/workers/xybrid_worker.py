@@ -44,11 +44,11 @@ def _model_and_context(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
     return _shared["model"], _shared["ctx"], _shared["sampler"]
 
 
-def _loop(res: Any) -> tuple[int, int, int, int, int]:
+def _loop(res: Any) -> tuple[int, ...]:
     """The loop's first and last token stamps and its thread's usage."""
     first_last = (res.token_ns[0], res.token_ns[-1]) if res.token_ns else (0, 0)
-    usage = ((res.loop_cpu_ns, res.loop_waits, res.loop_preemptions)
-             if res.loop_cpu_ns is not None else (-1, -1, -1))
+    usage = ((res.t_end_ns - res.t_start_ns, res.loop_cpu_ns, res.loop_waits, res.loop_preemptions)
+             if res.loop_cpu_ns is not None else (-1, -1, -1, -1))
     return (*first_last, *usage)
 
 
