@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokens = prep["models"][key], prep["tokens"][key]["short"]
         tok_file = tmp / "prompt.tokens"
         tok_file.write_text(" ".join(map(str, tokens)))
-        env = {**os.environ, "PYTHONPATH": str(overlay)}
+        # A fixed hash seed: str hashing is randomised per process otherwise,
+        # which moves Python's share of the count from run to run.
+        env = {**os.environ, "PYTHONPATH": str(overlay), "PYTHONHASHSEED": "0"}
         counts: dict[str, dict[int, int]] = {}
         for n in (n1, n2):
             cmd = [str(binary), "--serve", "--model", model, "--tokens", str(tok_file), "--n-predict", str(n),
