@@ -183,6 +183,37 @@ class Contestant:
     skipped: str = ""
 
 
+def native_command(binary: Path | None, model: str, tok_file: Path, *, n_predict: int, threads: int,
+                   ctx: int, batch: int, sampler: dict[str, Any], warmup: int, prefix_len: int,
+                   flash_attn: bool, grammar_file: Path | None) -> list[str]:
+    """The C loop's command line in --serve mode."""
+    s = sampler
+    cmd = [str(binary), "--serve", "--model", model, "--tokens", str(tok_file),
+           "--n-predict", str(n_predict), "--threads", str(threads),
+           "--ctx", str(ctx), "--batch", str(batch), "--ubatch", str(batch),
+           "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
+           "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]),
+           "--warmup", str(warmup), "--prefix-len", str(prefix_len)]
+    if flash_attn:
+        cmd.append("--flash-attn")
+    if grammar_file is not None:
+        cmd += ["--grammar", str(grammar_file)]
+    return cmd
+
+
+def worker_spec(model: str, tokens: list[int], *, n_predict: int, threads: int, ctx: int, batch: int,
+                sampler: dict[str, Any], variants: list[str], warmup: int, prefix_len: int,
+                flash_attn: bool, grammar: str | None, prefix_reuse: str) -> dict[str, Any]:
+    """The spec a Python worker (bench/workers/) is started with."""
+    return {
+        "model": model, "prompt_tokens": tokens, "n_predict": n_predict,
+        "threads": threads, "n_ctx": ctx, "n_batch": batch,
+        "flash_attn": flash_attn, "sampler": sampler, "variants": variants,
+        "warmup": warmup, "prefix_len": prefix_len,
+        "grammar": grammar, "prefix_reuse": prefix_reuse,
+    }
+
+
 class WorkerError(Exception):
     pass
 
@@ -205,31 +236,26 @@ class Worker:
         model = prep["models"][case.model]
         s = case.sampler
         n_predict = case.n_predict_peer if c.key == "peer" and case.n_predict_peer else case.n_predict
+        threads = case.threads or args.threads
         if c.key == "native":
             tok_file = tmp / f"{case.model}-{case.prompt}.tokens"
             if not tok_file.exists():
                 tok_file.write_text(" ".join(map(str, tokens)))
-            cmd = [str(c.binary), "--serve", "--model", model, "--tokens", str(tok_file),
-                   "--n-predict", str(n_predict), "--threads", str(case.threads or args.threads),
-                   "--ctx", str(args.ctx), "--batch", str(args.batch), "--ubatch", str(args.batch),
-                   "--temp", repr(s["temperature"]), "--top-k", str(s["top_k"]), "--top-p", repr(s["top_p"]),
-                   "--min-p", repr(s["min_p"]), "--seed", str(s["seed"]),
-                   "--warmup", str(case.warmup if warmup else 0), "--prefix-len", str(case.prefix_len)]
-            if args.flash_attn:
-                cmd.append("--flash-attn")
+            grammar_file = None
             if case.grammar:
                 grammar_file = tmp / f"{case.name}.gbnf"
                 grammar_file.write_text(case.grammar)
-                cmd += ["--grammar", str(grammar_file)]
+            cmd = native_command(c.binary, model, tok_file, n_predict=n_predict, threads=threads,
+                                 ctx=args.ctx, batch=args.batch, sampler=s,
+                                 warmup=case.warmup if warmup else 0, prefix_len=case.prefix_len,
+                                 flash_attn=args.flash_attn, grammar_file=grammar_file)
         else:
-            spec = {
-                "model": model, "prompt_tokens": tokens, "n_predict": n_predict,
-                "threads": case.threads or args.threads, "n_ctx": args.ctx, "n_batch": args.batch,
-                "flash_attn": args.flash_attn, "sampler": s,
-                "variants": c.variants if case.all_variants else c.variants[:1],
-                "warmup": case.warmup if warmup else 0, "prefix_len": case.prefix_len,
-                "grammar": case.grammar or None, "prefix_reuse": args.backend_prefix_reuse,
-            }
+            spec = worker_spec(model, tokens, n_predict=n_predict, threads=threads, ctx=args.ctx,
+                               batch=args.batch, sampler=s,
+                               variants=c.variants if case.all_variants else c.variants[:1],
+                               warmup=case.warmup if warmup else 0, prefix_len=case.prefix_len,
+                               flash_attn=args.flash_attn, grammar=case.grammar or None,
+                               prefix_reuse=args.backend_prefix_reuse)
             spec_file = tmp / f"spec-{c.key}-{case.name}.json"
             spec_file.write_text(json.dumps(spec))
             cmd = [str(c.python), str(c.worker), str(spec_file)]

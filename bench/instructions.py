@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import native
-from bench.harness import CACHE, GREEDY, REPO, RESULTS, WORKERS, run_prep
+from bench.harness import CACHE, GREEDY, REPO, RESULTS, WORKERS, native_command, run_prep, worker_spec
 
 LIBS = ["libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libmtmd.so"]
 TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
@@ -117,18 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": str(overlay), "PYTHONHASHSEED": "0"}
         counts: dict[str, dict[int, int]] = {}
         for n in (n1, n2):
-            cmd = [str(binary), "--serve", "--model", model, "--tokens", str(tok_file), "--n-predict", str(n),
-                   "--threads", "1", "--ctx", "1024", "--batch", "512", "--ubatch", "512", "--temp", "0",
-                   "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", str(GREEDY["seed"]),
-                   "--warmup", "0", "--prefix-len", "0"]
+            cmd = native_command(binary, model, tok_file, n_predict=n, threads=1, ctx=1024, batch=512,
+                                 sampler=GREEDY, warmup=0, prefix_len=0, flash_attn=False, grammar_file=None)
             print(f"[instructions] native, {n} tokens", flush=True)
             total, lines = callgrind(cmd, "generate\nexit\n", tmp / f"native-{n}.out")
             check_length(lines, n, "native")
             counts.setdefault("native", {})[n] = total
             for v in variants:
-                spec = {"model": model, "prompt_tokens": tokens, "n_predict": n, "threads": 1, "n_ctx": 1024,
-                        "n_batch": 512, "flash_attn": False, "sampler": GREEDY, "variants": [v], "warmup": 0,
-                        "prefix_len": 0, "grammar": None, "prefix_reuse": "longest"}
+                spec = worker_spec(model, tokens, n_predict=n, threads=1, ctx=1024, batch=512, sampler=GREEDY,
+                                   variants=[v], warmup=0, prefix_len=0, flash_attn=False, grammar=None,
+                                   prefix_reuse="longest")
                 spec_file = tmp / f"spec-{v}-{n}.json"
                 spec_file.write_text(json.dumps(spec))
                 print(f"[instructions] xybrid {v}, {n} tokens", flush=True)

@@ -132,7 +132,7 @@ def _user_backend(spec: dict[str, Any]) -> tuple[Any, Any]:
         backend.load(LlmConfig(spec["model"], context_length=spec["n_ctx"], n_threads=spec["threads"],
                                n_batch=spec["n_batch"], n_ubatch=spec["n_batch"],
                                flash_attn=spec["flash_attn"],
-                               prefix_reuse=spec.get("prefix_reuse", "longest")))
+                               prefix_reuse=spec["prefix_reuse"]))
         s = spec["sampler"]
         config = GenerationConfig(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                   min_p=s["min_p"], seed=s["seed"], max_tokens=spec["n_predict"],
