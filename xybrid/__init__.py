@@ -33,6 +33,7 @@ from xybrid.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelNotLoadedError,
+    OverloadedError,
     UnsupportedInputError,
     XybridError,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotLoadedError",
+    "OverloadedError",
     "PartialToken",
     "UnsupportedInputError",
     "XybridError",

@@ -176,6 +176,13 @@ class LlmBackend(ABC):
         """
         return None
 
+    def stats(self) -> dict[str, int | float]:
+        """Engine load now: ``parallel`` (slots), ``running`` and ``queued``
+        requests, ``kv_cells_used`` / ``kv_cells_total``, ``batch_occupancy``
+        (mean sequences per decode step) and counters since load. Empty for
+        backends that do not report it."""
+        return {}
+
 
 def _stream_via_callback(
     backend: LlmBackend, messages: Sequence[MessageLike], config: GenerationConfig | None

@@ -19,6 +19,7 @@ __all__ = [
     "GenerationError",
     "UnsupportedInputError",
     "IntegrityError",
+    "OverloadedError",
 ]
 
 
@@ -60,3 +61,7 @@ class IntegrityError(XybridError):
 
 class GenerationError(XybridError, RuntimeError):
     """llama.cpp failed while decoding; the backend has been reset and stays usable."""
+
+
+class OverloadedError(XybridError, RuntimeError):
+    """Every slot is busy and the admission queue is full: retry later."""

@@ -260,6 +260,13 @@ class LlmConfig:
       CPU kernels group batch rows, so a token's values depend on where it sat
       in its decode batch). Costs up to 31 tokens of re-prefill per turn, plus
       the previous reply, which is decoded again. For reproducible evaluations.
+
+    ``parallel`` is how many requests the backend decodes together: that
+    many sequences (slots) share one KV cache of ``context_length`` cells,
+    and calls made at once from many threads or asyncio tasks are batched
+    into one ``llama_decode`` per step. ``1`` (default) runs one request at
+    a time on the single-sequence loop. ``max_queued`` bounds the requests
+    waiting for a free slot; one more raises :class:`OverloadedError`.
     """
 
     model_path: str
@@ -275,6 +282,8 @@ class LlmConfig:
     mmproj_path: str | None
     model_sha256: str | None
     mmproj_sha256: str | None
+    parallel: int
+    max_queued: int
 
     def __init__(
         self,
@@ -292,6 +301,8 @@ class LlmConfig:
         mmproj_path: str | os.PathLike[str] | None = None,
         model_sha256: str | None = None,
         mmproj_sha256: str | None = None,
+        parallel: int = 1,
+        max_queued: int = 64,
     ) -> None:
         owner = "LlmConfig"
         if isinstance(mmproj_path, os.PathLike):
@@ -320,6 +331,10 @@ class LlmConfig:
             "mmproj_path": _check_optional_str(owner, "mmproj_path", mmproj_path),
             "model_sha256": _check_sha256(owner, "model_sha256", model_sha256),
             "mmproj_sha256": _check_sha256(owner, "mmproj_sha256", mmproj_sha256),
+            "parallel": _check_int(owner, "parallel", parallel, 1, "a positive integer"),
+            "max_queued": _check_int(
+                owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)"
+            ),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
