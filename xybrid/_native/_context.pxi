@@ -57,6 +57,10 @@ cdef class Context:
         params.n_threads_batch = n_threads_batch or n_threads or cpus
         params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.embeddings = embeddings
+        if n_seq_max > 1:
+            # Sequences share one pool of n_ctx cells (each may grow to n_ctx
+            # positions) instead of n_ctx / n_seq_max cells each.
+            params.kv_unified = kv_unified
         if embeddings:
             # Inputs of one embedding batch are separate sequences sharing one
             # KV buffer; nothing is kept between batches.

@@ -18,9 +18,10 @@ back instead of letting memory grow.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
+cimport cython
 
 from xybrid._native.llama cimport *
 from xybrid._native.mtmd cimport *
@@ -35,6 +36,7 @@ from xybrid.errors import (
     InvalidInputError,
     ModelLoadError,
     ModelNotFoundError,
+    OverloadedError,
     XybridError,
 )
 
@@ -48,6 +50,10 @@ cdef extern from "engine_support.h" nogil:
     int xy_thread_usage(xy_thread_usage_t * u)
     int xy_atomic_load(const int * p)
     void xy_atomic_store(int * p, int v)
+    int xy_pipe_nonblock(int * fds)
+    void xy_poke_fd(int fd)
+    void xy_drain_fd(int fd)
+    void xy_close_fd(int fd)
     int64_t xy_find(const char * hay, size_t hay_len, const char * needle, size_t needle_len)
     size_t xy_utf8_complete_len(const char * buf, size_t length)
     void xy_log_callback(ggml_log_level level, const char * text, void * user_data)
@@ -76,6 +82,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_destroy(pthread_cond_t * cond)
     int pthread_cond_wait(pthread_cond_t * cond, pthread_mutex_t * mutex)
     int pthread_cond_broadcast(pthread_cond_t * cond)
+    int pthread_cond_signal(pthread_cond_t * cond)
 
 
 # Unread streamed bytes the loop may run ahead of its consumer before it
@@ -92,6 +99,7 @@ cdef class Sampler
 cdef class Generation
 cdef class Multimodal
 cdef class Chunks
+cdef class Scheduler
 
 
 include "_backend.pxi"
@@ -100,3 +108,4 @@ include "_sampler.pxi"
 include "_context.pxi"
 include "_generation.pxi"
 include "_multimodal.pxi"
+include "_scheduler.pxi"

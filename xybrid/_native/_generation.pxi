@@ -29,6 +29,15 @@ cdef enum:
     ERR_DECODE = 2
     ERR_NO_MEMORY = 3
     ERR_SAMPLE = 4
+    ERR_KV_FULL = 5             # scheduled: no KV cells left for this sequence's prompt
+    ERR_MEDIA = 6               # scheduled: evaluating the media prompt failed
+
+# Phases of a sequence driven by the batching scheduler (_scheduler.pxi).
+cdef enum:
+    PHASE_QUEUED = 0            # waiting for a free slot
+    PHASE_PREFILL = 1           # prompt being decoded, chunk by chunk
+    PHASE_GENERATE = 2          # one token per step
+    PHASE_DONE = 3
 
 
 cdef struct GenState:
@@ -54,6 +63,19 @@ cdef struct GenState:
     size_t buffer_limit
     int64_t chunk_interval_ns   # 0: wake the consumer for every token
     int64_t last_wake_ns        # when the consumer was last woken (0: never)
+    # scheduled sequences only (sched != NULL; see _scheduler.pxi)
+    void * sched                # the SchedState driving this sequence
+    int phase                   # PHASE_*; written by the scheduler thread
+    int released                # under sched.mu: the scheduler is done with this state
+    int wake_fd                 # write end of a pipe poked when the consumer should look; -1: none
+    int32_t prompt_off          # prompt tokens reused from the cache (not decoded)
+    int32_t prefilled           # prompt tokens decoded so far (from prompt_off)
+    int32_t batch_idx           # row of this sequence's logits in the current batch; -1: none
+    llama_token next_token      # sampled, not yet decoded
+    int64_t t_submit_ns         # when the request was queued
+    void * mm_ctx               # mtmd_context * for a media prompt, else NULL
+    void * mm_chunks            # mtmd_input_chunks * (owned by the Python Chunks object)
+    int32_t mm_n_pos            # positions the media prompt takes
     # progress
     llama_pos n_past            # next position to write in the sequence
     llama_token * out_tokens    # [max_tokens] sampled tokens (EOG excluded)
@@ -157,15 +179,28 @@ cdef bint gen_scan(GenState * g, size_t old_len) noexcept nogil:
     return False
 
 
+cdef void gen_wake(GenState * g) noexcept nogil:
+    """With `mu` held: wake a consumer waiting on the condition, and poke the
+    pipe an event loop watches (astream) when there is one."""
+    pthread_cond_broadcast(&g.cond_data)
+    if g.wake_fd >= 0:
+        # Non-blocking: a full pipe already says "look".
+        xy_poke_fd(g.wake_fd)
+
+
 cdef void gen_publish(GenState * g) noexcept nogil:
-    """Wake the consumer; when too much is unread, wait for it (or cancel)."""
+    """Wake the consumer; when too much is unread, wait for it (or cancel).
+    A scheduled sequence never waits here: the scheduler parks it instead
+    (skips it in later steps), so one slow consumer never holds the others."""
     if not g.streaming:
         return
     cdef int64_t t = xy_now_ns()
     if (t - g.last_wake_ns >= g.chunk_interval_ns or g.last_wake_ns == 0
             or g.emitted - g.consumed > g.buffer_limit):
         g.last_wake_ns = t
-        pthread_cond_broadcast(&g.cond_data)
+        gen_wake(g)
+    if g.sched != NULL:
+        return
     while g.emitted - g.consumed > g.buffer_limit and not xy_atomic_load(&g.cancel):
         pthread_cond_wait(&g.cond_space, &g.mu)
 
@@ -217,9 +252,40 @@ cdef void gen_finish(GenState * g, int reason) noexcept nogil:
         g.text_len = g.emitted
     g.t_end_ns = xy_now_ns()
     g.done = 1
+    g.phase = PHASE_DONE
     if g.streaming:
-        pthread_cond_broadcast(&g.cond_data)
+        gen_wake(g)
         pthread_mutex_unlock(&g.mu)
+
+
+cdef int gen_after_sample(GenState * g, llama_token tok) noexcept nogil:
+    """One sampled token through end check -> accept -> piece -> stop check
+    -> emit -> length check. Returns 0 to go on (``tok`` is to be decoded
+    next), else the sequence has been finished with that reason. Shared by
+    the single-sequence loop and the scheduler."""
+    cdef int acc
+    g.token_ns[g.n_out] = xy_now_ns()
+    if tok < 0:
+        g.error_kind = ERR_SAMPLE
+        gen_finish(g, REASON_ERROR)
+        return REASON_ERROR
+    if llama_vocab_is_eog(g.vocab, tok):
+        gen_finish(g, REASON_EOG)
+        return REASON_EOG
+    g.out_tokens[g.n_out] = tok
+    g.n_out += 1
+    acc = gen_accept_token(g, tok)
+    if acc < 0:
+        g.error_kind = ERR_NO_MEMORY
+        gen_finish(g, REASON_ERROR)
+        return REASON_ERROR
+    if acc > 0:
+        gen_finish(g, REASON_STOP)
+        return REASON_STOP
+    if g.n_out >= g.max_tokens or g.n_past >= g.n_ctx:
+        gen_finish(g, REASON_LENGTH)
+        return REASON_LENGTH
+    return 0
 
 
 cdef void gen_run(GenState * g) noexcept nogil:
@@ -227,7 +293,6 @@ cdef void gen_run(GenState * g) noexcept nogil:
     stop check -> emit -> decode, until a stop condition."""
     cdef int32_t rc
     cdef llama_token tok
-    cdef int acc
     g.t_start_ns = xy_now_ns()
     g.usage_ok = xy_thread_usage(&g.usage_start) == 0
     rc = 0
@@ -249,26 +314,7 @@ cdef void gen_run(GenState * g) noexcept nogil:
             gen_finish(g, REASON_CANCELLED)
             return
         tok = xy_sample(g.smpl, g.grammar, g.ctx, -1, g.candidates, g.n_vocab)
-        g.token_ns[g.n_out] = xy_now_ns()
-        if tok < 0:
-            g.error_kind = ERR_SAMPLE
-            gen_finish(g, REASON_ERROR)
-            return
-        if llama_vocab_is_eog(g.vocab, tok):
-            gen_finish(g, REASON_EOG)
-            return
-        g.out_tokens[g.n_out] = tok
-        g.n_out += 1
-        acc = gen_accept_token(g, tok)
-        if acc < 0:
-            g.error_kind = ERR_NO_MEMORY
-            gen_finish(g, REASON_ERROR)
-            return
-        if acc > 0:
-            gen_finish(g, REASON_STOP)
-            return
-        if g.n_out >= g.max_tokens or g.n_past >= g.n_ctx:
-            gen_finish(g, REASON_LENGTH)
+        if gen_after_sample(g, tok) != 0:
             return
         rc = decode_tokens(g.ctx, g.batch, g.n_batch, &tok, 1, g.n_past, g.seq_id, True, &g.cancel)
         if rc != 0:
@@ -300,7 +346,15 @@ cdef class GenerationResult:
     worker threads, when ``n_threads > 1``, are not counted): its CPU time,
     how often it was switched out to wait (a full stream buffer, a lock),
     and how often another thread took its CPU. ``None`` where the platform
-    does not report per-thread usage.
+    does not report per-thread usage, and for scheduled sequences, whose
+    loop thread serves many at once.
+
+    For a sequence run by a :class:`Scheduler`: ``t_submit_ns`` is when it
+    was queued (``t_start_ns`` when it got its slot), ``slot`` the sequence
+    id it ran on and ``n_cached`` the prompt tokens it reused from that
+    slot's cache (``n_prompt`` counts only the decoded ones). Otherwise
+    ``t_submit_ns`` is ``t_start_ns``, ``slot`` the seq_id and
+    ``n_cached`` 0.
     """
     cdef readonly list tokens
     cdef readonly str text
@@ -317,12 +371,16 @@ cdef class GenerationResult:
     cdef readonly object loop_cpu_ns
     cdef readonly object loop_waits
     cdef readonly object loop_preemptions
+    cdef readonly object t_submit_ns
+    cdef readonly int n_cached
+    cdef readonly int slot
 
     def __repr__(self):
         return (f"<GenerationResult {self.stop_reason} tokens={len(self.tokens)} "
                 f"text={self.text[:40]!r}>")
 
 
+@cython.no_gc_clear  # a scheduler may read the state until it lets go: keep it
 cdef class Generation:
     """One generation on a context, started by :meth:`Context.generate` or
     :meth:`Context.stream`.
@@ -347,6 +405,13 @@ cdef class Generation:
     cdef readonly GenerationResult result
     cdef readonly object error
     cdef readonly int tokens_at_last_chunk
+    # Scheduled sequences: the scheduler that drives this state, the Python
+    # objects whose C handles it reads (media chunks, projector), and the
+    # read end of the wake pipe (-1: none).
+    cdef Scheduler scheduler
+    cdef bint submitted
+    cdef object keep_alive
+    cdef int read_fd
     cdef object __weakref__  # Context.current refers to the running generation weakly
 
     def __cinit__(self):
@@ -357,11 +422,15 @@ cdef class Generation:
         self.scratch_cap = 0
         self.result = None
         self.error = None
+        self.scheduler = None
+        self.submitted = False
+        self.read_fd = -1
+        self.g.wake_fd = -1
 
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
                    Sampler sampler, stop, bint streaming, size_t buffer_limit,
                    bint logits_ready=False, bint render_special=False,
-                   int chunk_interval_us=0) except -1:
+                   int chunk_interval_us=0, bint scheduled=False) except -1:
         cdef Py_ssize_t i, n = len(tokens)
         cdef int32_t n_ctx = llama_n_ctx(context.ptr)
         cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
@@ -392,6 +461,8 @@ cdef class Generation:
             self.stop_bytes.append(s.encode("utf-8"))
 
         memset_state(&self.g)
+        self.g.wake_fd = -1
+        self.g.batch_idx = -1
         self.context = context
         self.sampler = sampler
         self.chunk_ns = []
@@ -440,10 +511,11 @@ cdef class Generation:
             pthread_mutex_destroy(&g.mu)
             raise MemoryError("pthread_cond_init failed")
         self.sync_ready = True
-        context.busy = True
-        context.current = _weakref(self)
-        llama_set_abort_callback(context.ptr, gen_should_abort, g)
-        llama_perf_context_reset(context.ptr)
+        if not scheduled:
+            context.busy = True
+            context.current = _weakref(self)
+            llama_set_abort_callback(context.ptr, gen_should_abort, g)
+            llama_perf_context_reset(context.ptr)
         # A sampler carries state between tokens (penalty window, grammar
         # position); every generation starts it afresh.
         llama_sampler_reset(sampler.ptr)
@@ -459,6 +531,13 @@ cdef class Generation:
         return 0
 
     def __dealloc__(self):
+        if self.scheduler is not None and self.submitted:
+            # Abandoned while the scheduler may still hold it: cancel, then
+            # wait until the scheduler lets go before freeing the state.
+            xy_atomic_store(&self.g.cancel, 1)
+            self.scheduler.kick()
+            self.scheduler.wait_released(&self.g)
+            self.submitted = False
         if self.thread_started:
             xy_atomic_store(&self.g.cancel, 1)
             pthread_mutex_lock(&self.g.mu)
@@ -471,7 +550,12 @@ cdef class Generation:
 
     cdef void release(self) noexcept:
         """Free the C state once; hand the context back."""
-        if self.context is not None and self.context.busy:
+        if self.read_fd >= 0:
+            xy_close_fd(self.read_fd)
+            xy_close_fd(self.g.wake_fd)
+            self.read_fd = -1
+            self.g.wake_fd = -1
+        if self.scheduler is None and self.context is not None and self.context.busy:
             if self.context.ptr != NULL:
                 llama_set_abort_callback(self.context.ptr, NULL, NULL)
             self.context.busy = False
@@ -499,6 +583,10 @@ cdef class Generation:
     def cancel(self):
         """Ask the loop to stop at its next step. Safe from any thread."""
         xy_atomic_store(&self.g.cancel, 1)
+        if self.scheduler is not None:
+            if self.submitted:
+                self.scheduler.kick()
+            return
         # Keep the GIL while touching the mutex: finish() (on the consuming
         # thread) destroys it in release() under the GIL right after joining
         # the worker, so releasing the GIL here between the thread_started
@@ -508,6 +596,51 @@ cdef class Generation:
             pthread_mutex_lock(&self.g.mu)
             pthread_cond_broadcast(&self.g.cond_space)
             pthread_mutex_unlock(&self.g.mu)
+
+    def wait(self):
+        """Wait (GIL released) for the generation to end and return its
+        :class:`GenerationResult`; re-raise its error, if any."""
+        if not self.finished:
+            if self.scheduler is None and not self.thread_started:
+                raise XybridError("this generation has no loop to wait for")
+            self.finish()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    @property
+    def wake_fd(self):
+        """Read end of the wake pipe (``Scheduler.submit(wake_pipe=True)``),
+        readable when :meth:`poll` has something new; -1 without one."""
+        return self.read_fd
+
+    def poll(self):
+        """Never blocks: the text released since the last call ("" when
+        none yet), or None once the generation has ended and everything has
+        been taken (then :attr:`result` is set; an error is raised)."""
+        cdef bint oom = False
+        cdef size_t n
+        if self.finished:
+            if self.error is not None:
+                raise self.error
+            return None
+        if self.read_fd >= 0:
+            xy_drain_fd(self.read_fd)
+        pthread_mutex_lock(&self.g.mu)
+        if self.g.consumed == self.g.emitted:
+            if not self.g.done:
+                pthread_mutex_unlock(&self.g.mu)
+                return ""
+            pthread_mutex_unlock(&self.g.mu)
+            self.finish()
+            if self.error is not None:
+                raise self.error
+            return None
+        n = self.take_locked(&oom)
+        if oom:
+            raise MemoryError()
+        self.chunk_ns.append(xy_now_ns())
+        return PyBytes_FromStringAndSize(self.scratch, n).decode("utf-8", "replace")
 
     def token_at(self, int index):
         """The id of sampled token ``index`` (< tokens_at_last_chunk), e.g. the
@@ -570,6 +703,9 @@ cdef class Generation:
             pthread_cond_broadcast(&self.g.cond_space)
         self.tokens_at_last_chunk = self.g.n_out
         pthread_mutex_unlock(&self.g.mu)
+        if n > 0 and self.g.sched != NULL:
+            # The scheduler may have parked this sequence on a full buffer.
+            sched_kick(<SchedState *> self.g.sched)
         return n
 
     def __iter__(self):
@@ -591,6 +727,9 @@ cdef class Generation:
         cdef bint done
         if self.finished:
             return
+        if self.scheduler is not None and self.submitted:
+            self.scheduler.wait_released(&self.g)
+            self.submitted = False
         if self.thread_started:
             pthread_mutex_lock(&self.g.mu)
             done = self.g.done != 0
@@ -634,7 +773,6 @@ cdef class Generation:
         r.tokens = [g.out_tokens[i] for i in range(g.n_out)]
         r.text = PyBytes_FromStringAndSize(g.text, g.text_len).decode("utf-8", "replace") if g.text_len else ""
         r.stop_reason = STOP_REASONS[g.reason]
-        r.n_prompt = g.n_prompt
         r.n_past = g.n_past
         r.n_decoded = g.n_out_decoded
         r.t_start_ns = g.t_start_ns
@@ -644,7 +782,12 @@ cdef class Generation:
         # the model finished, so keep its stamp only if there are no tokens.
         r.token_ns = [g.token_ns[i] for i in range(g.n_out)]
         r.chunk_ns = self.chunk_ns
-        r.perf = self.context.perf()
+        # The context's counters are its own business while a scheduler runs it.
+        r.perf = self.context.perf() if self.scheduler is None else {}
+        r.n_cached = g.prompt_off
+        r.n_prompt = g.n_prompt - g.prompt_off
+        r.slot = g.seq_id
+        r.t_submit_ns = g.t_submit_ns if self.scheduler is not None else g.t_start_ns
         if g.usage_ok:
             r.loop_cpu_ns = g.usage_end.cpu_ns - g.usage_start.cpu_ns
             r.loop_waits = g.usage_end.waits - g.usage_start.waits
@@ -660,6 +803,12 @@ cdef class Generation:
         if g.error_kind == ERR_SAMPLE:
             return GenerationError("sampling found no candidate token (the grammar may allow "
                                    "nothing at this point)")
+        if g.error_kind == ERR_KV_FULL:
+            return ContextOverflowError(
+                "the KV cache is full: the other running sequences hold every cell, so this "
+                "prompt cannot be decoded; retry later or raise the context length")
+        if g.error_kind == ERR_MEDIA:
+            return GenerationError(f"evaluating the multimodal prompt failed (code {g.error_code})")
         stage = "prefill" if g.error_kind == ERR_PREFILL else "decode"
         return GenerationError(f"llama_decode failed during {stage} with code {g.error_code}"
                                + _decode_hint(g.error_code))

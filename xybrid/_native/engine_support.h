@@ -59,6 +59,45 @@ static inline int xy_thread_usage(xy_thread_usage_t *u) {
 static inline int xy_atomic_load(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void xy_atomic_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
+/* Wake pipes: a scheduled sequence pokes the write end when its consumer
+ * should look, and an asyncio consumer watches the read end with
+ * loop.add_reader, so no thread waits per stream. Both ends are
+ * non-blocking: a full pipe already means "look", so a failed poke is fine. */
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+static inline int xy_pipe_nonblock(int fds[2]) {
+    if (pipe(fds) != 0) return -1;
+    for (int i = 0; i < 2; i++) {
+        if (fcntl(fds[i], F_SETFL, O_NONBLOCK) != 0 || fcntl(fds[i], F_SETFD, FD_CLOEXEC) != 0) {
+            close(fds[0]);
+            close(fds[1]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static inline void xy_poke_fd(int fd) {
+    char one = 1;
+    ssize_t rc;
+    do {
+        rc = write(fd, &one, 1);
+    } while (rc < 0 && errno == EINTR);
+}
+
+/* Empty the read end of a wake pipe. */
+static inline void xy_drain_fd(int fd) {
+    char buf[64];
+    while (read(fd, buf, sizeof(buf)) > 0) {
+    }
+}
+
+static inline void xy_close_fd(int fd) {
+    if (fd >= 0) close(fd);
+}
+
 /* Earliest occurrence of needle in hay, or -1. Stop strings are short, so a
  * memchr on the first byte followed by memcmp is all we need. */
 static inline int64_t xy_find(const char *hay, size_t hay_len, const char *needle, size_t needle_len) {
