@@ -93,7 +93,8 @@ def test_required_tool_call_is_parsed(llm: LlamaCppBackend) -> None:
 def test_tools_reach_the_prompt(llm: LlamaCppBackend) -> None:
     # Gemma's fallback formatter has no tool syntax: the tools are described in
     # a system message instead, so the model sees them either way.
-    from xybrid.llama_cpp_backend import _offered_tools, _with_tool_prompt
+    from xybrid.pipeline import offered_tools as _offered_tools
+    from xybrid.pipeline import with_tool_prompt as _with_tool_prompt
 
     config = GenerationConfig(tools=[WEATHER])
     msgs, template_tools = _with_tool_prompt(llm._require().template,

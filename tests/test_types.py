@@ -387,6 +387,7 @@ CANONICAL_KEYS = {
     "decode_tps",
     "prefill_tps",
     "media_tokens",
+    "queued_ms",
     "token_ids",
 }
 
@@ -433,4 +434,5 @@ def test_generation_output_minimal_defaults() -> None:
     assert data["emitted_chunks"] == 0
     assert data["token_ids"] == []
     assert data["tokens_in"] == 0
+    assert data["queued_ms"] == 0.0
     assert output.token_ids == ()

@@ -119,45 +119,8 @@ class LlmBackend(ABC):
         self, messages: Sequence[MessageLike], config: GenerationConfig | None = None
     ) -> AsyncIterator[PartialToken]:
         """Async version of :meth:`stream`: the event loop never blocks on the model."""
-        import asyncio  # here: a program that never calls astream does not pay for asyncio
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-
-        def pump() -> None:
-            pieces: Any = None
-            try:
-                # Inside the try: a stream() that validates eagerly raises
-                # here, and the consumer must get that error, not wait forever.
-                pieces = self.stream(messages, config)
-                for piece in pieces:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                    if stop.is_set():
-                        break
-            except BaseException as exc:  # re-raised in the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-                return
-            finally:
-                close = getattr(pieces, "close", None)
-                if close is not None:
-                    close()
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-        worker = threading.Thread(target=pump, name="xybrid-astream", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "piece":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    return
-        finally:
-            stop.set()
-            await asyncio.to_thread(worker.join)
+        async for piece in _stream_async(lambda: self.stream(messages, config)):
+            yield piece
 
     # --- facts ----------------------------------------------------------------------
     def memory_usage(self) -> int | None:
@@ -226,3 +189,47 @@ def _stream_via_callback(
             except queue_mod.Empty:
                 pass
         worker.join()
+
+
+async def _stream_async(make: Callable[[], Iterator[PartialToken]]) -> AsyncIterator[PartialToken]:
+    """Drive a blocking piece iterator on a helper thread and hand its pieces
+    to the event loop; closing early stops the iterator."""
+    import asyncio  # here: a program that never streams asynchronously does not pay for asyncio
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def pump() -> None:
+        pieces: Any = None
+        try:
+            # Inside the try: a stream() that validates eagerly raises
+            # here, and the consumer must get that error, not wait forever.
+            pieces = make()
+            for piece in pieces:
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # re-raised in the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            return
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+        loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+    worker = threading.Thread(target=pump, name="xybrid-astream", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "piece":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        await asyncio.to_thread(worker.join)

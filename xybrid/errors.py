@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedInputError",
     "IntegrityError",
     "OverloadedError",
+    "ToolCallError",
 ]
 
 
@@ -65,3 +66,11 @@ class GenerationError(XybridError, RuntimeError):
 
 class OverloadedError(XybridError, RuntimeError):
     """Every slot is busy and the admission queue is full: retry later."""
+
+
+class ToolCallError(GenerationError):
+    """The model started a tool call that does not parse; ``raw`` holds its text."""
+
+    def __init__(self, message: str, raw: str) -> None:
+        super().__init__(message)
+        self.raw = raw

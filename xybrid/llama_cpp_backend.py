@@ -1,17 +1,24 @@
 """LlamaCppBackend: the llama.cpp engine behind the :class:`LlmBackend` interface.
 
-One backend owns one model and one context. Calls are serialised by a lock
-(the native loop runs with the GIL released, so other Python threads keep
-running while a call waits or generates).
+One backend owns one model and one context, run in one of two ways:
 
-Multi-turn reuse: the backend remembers exactly which tokens sit in the KV
-cache (prompt plus the generated tokens that were decoded). The next call
-keeps the longest common prefix (capped one short of the new prompt, so at
-least one token is decoded to produce logits) and decodes only the rest.
-Recurrent and hybrid models, whose state cannot be cut back to a position,
-and calls that would overflow the window start from an empty cache instead.
-A failed or cancelled call leaves the cache in an unknown state, so it is
-cleared before the error reaches the caller.
+- ``LlmConfig(parallel=1)`` (default): one sequence, calls serialised by a
+  lock, on the single-sequence loop (the native loop runs with the GIL
+  released, so other Python threads keep running while a call waits or
+  generates). Multi-turn reuse: the backend remembers exactly which tokens
+  sit in the KV cache and the next call decodes only what differs
+  (:mod:`xybrid.prefix_cache`). Recurrent and hybrid models, and calls that
+  would overflow the window, start from an empty cache; a failed or
+  cancelled call clears it.
+- ``LlmConfig(parallel=N)``: N sequences share one KV cache and a native
+  :class:`~xybrid._native._engine.Scheduler` decodes every running request
+  in one ``llama_decode`` per step. Calls from many threads and asyncio
+  tasks run at once; each goes to the slot whose cache shares the longest
+  prefix with its prompt, so a multi-turn chat keeps its cache there.
+
+Either way a request goes through the same stages (:mod:`xybrid.pipeline`):
+prepare (template, tokens, sampler), run, finish (clean-up, tool calls,
+telemetry).
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,36 +36,27 @@ from xybrid._native import _engine
 from xybrid.backend import LlmBackend, MessageLike, StreamingCallback
 from xybrid.chat_templates import ChatTemplate, resolve_chat_template
 from xybrid.errors import (
-    ContextOverflowError,
-    GenerationError,
     IntegrityError,
     InvalidInputError,
     ModelNotLoadedError,
-    UnsupportedInputError,
+    ToolCallError,
+    XybridError,
 )
-from xybrid.grammar import json_schema_to_gbnf, response_format_to_grammar, validate_grammar
-from xybrid.media import Audio, Image, audio_to_item, image_to_rgb
 from xybrid.model_files import resolve_model_path
-from xybrid.prefix_cache import PrefixCacheState, PrefixPlan
-from xybrid.streaming import (
-    CHAT_STOP_PATTERNS,
-    CHAT_STOP_PATTERNS_BROKEN,
-    StreamingTextFilter,
-    merge_stop_patterns,
-    strip_thinking_tags,
-    trim_partial_stop_suffix,
-    truncate_at_first_stop,
+from xybrid.pipeline import (
+    ModelView,
+    PieceStream,
+    PreparedRequest,
+    as_messages,
+    build_output,
+    check_config,
+    check_raw_prompt,
+    make_sampler,
+    prepare_chat,
+    prepare_raw,
 )
-from xybrid.telemetry import compute_telemetry, record_on_current_span
-from xybrid.tool_calls import (
-    TextEvent,
-    ToolCallParser,
-    parse_tool_calls,
-    tool_call_grammar,
-    tools_to_system_prompt,
-    validate_tools,
-)
-from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig, PartialToken
+from xybrid.prefix_cache import PrefixCacheState
+from xybrid.types import GenerationConfig, GenerationOutput, LlmConfig, PartialToken
 
 __all__ = [
     "Capabilities",
@@ -68,15 +67,7 @@ __all__ = [
     "verify_sha256",
 ]
 
-
-class ToolCallError(GenerationError):
-    """The model started a tool call that does not parse; ``raw`` holds its text."""
-
-    def __init__(self, message: str, raw: str) -> None:
-        super().__init__(message)
-        self.raw = raw
-
-_SEQ = 0  # the backend drives one sequence of its context
+_SEQ = 0  # the single-sequence path drives sequence 0 of its context
 # Reused prefixes end on a multiple of this, so a cached run decodes with the
 # same row grouping as a fresh one and gives identical results.
 _PREFIX_ALIGN = 32
@@ -102,48 +93,13 @@ class _Loaded:
     template: ChatTemplate
     bos_text: str
     multimodal: Any = None  # _engine.Multimodal when an mmproj is loaded
+    scheduler: Any = None  # _engine.Scheduler when parallel > 1
+    state_bytes: int = 0  # the context's state size, measured at load
+    view: ModelView = field(init=False)
 
-
-@dataclass
-class _Prepared:
-    """A prompt ready for the engine: its tokens and the cache plan."""
-
-    tokens: list[int]
-    plan: PrefixPlan
-    stops: tuple[str, ...]
-    chat: bool
-    media_tokens: int = 0
-    n_prompt: int = 0  # prompt positions, media included
-    start_ns: int | None = None  # when media evaluation began
-    tool_names: tuple[str, ...] = ()  # tools offered to the model (empty: none)
-
-
-class _PieceStream:
-    """Turns the engine's raw chunks into the text a user sees: reasoning
-    and chat stop markers removed (StreamingTextFilter) and, when tools are
-    offered, tool-call markup held out of the text (ToolCallParser)."""
-
-    def __init__(self, prepared: _Prepared) -> None:
-        self.filter = _filter_for(prepared)
-        self.parser = ToolCallParser("auto", tool_names=prepared.tool_names) \
-            if prepared.tool_names else None
-        self.cumulative = ""
-
-    def _text(self, chunk: str | None, final: bool) -> str:
-        out = chunk or ""
-        if self.parser is not None:
-            events = self.parser.feed(out) if out else []
-            if final:
-                events += self.parser.finish()
-            out = "".join(e.text for e in events if isinstance(e, TextEvent))
-        self.cumulative += out
-        return out
-
-    def push(self, chunk: str) -> str:
-        return self._text(self.filter.push(chunk), final=False)
-
-    def finish(self) -> str:
-        return self._text(self.filter.finish(), final=True)
+    def __post_init__(self) -> None:
+        self.view = ModelView(self.model, self.template, self.bos_text, int(self.context.n_ctx),
+                              self.multimodal)
 
 
 @dataclass(frozen=True)
@@ -191,6 +147,10 @@ class LlamaCppBackend(LlmBackend):
 
         with LlamaCppBackend(LlmConfig("model.gguf")) as llm:
             out = llm.generate([ChatMessage.user("Hi!")], GenerationConfig(max_tokens=32))
+
+    With ``LlmConfig(parallel=N)`` every generation method may be called
+    from many threads and asyncio tasks at once; the requests are decoded
+    together (see the module docstring).
     """
 
     def __init__(self, config: LlmConfig | None = None) -> None:
@@ -200,6 +160,10 @@ class LlamaCppBackend(LlmBackend):
         self._lock = threading.RLock()
         self._loaded: _Loaded | None = None
         self._cache = PrefixCacheState()
+        self._waiting = 0  # single-sequence callers waiting for the lock
+        self._last_cached: int | None = None  # batched: the latest request's reuse
+        # Batched requests in flight, for cancel().
+        self._in_flight: weakref.WeakSet[Any] = weakref.WeakSet()
         if config is not None:
             self.load(config)
 
@@ -234,8 +198,12 @@ class LlamaCppBackend(LlmBackend):
                 verify_sha256(mmproj, config.mmproj_sha256)
         elif config.mmproj_sha256:
             raise InvalidInputError("LlmConfig.mmproj_sha256 is set but mmproj_path is not")
+        if config.parallel > config.n_batch:
+            raise InvalidInputError(
+                f"LlmConfig.parallel ({config.parallel}) must not exceed n_batch "
+                f"({config.n_batch}): every running sequence needs a row in each decode")
         model = _engine.Model(str(path), gpu_layers=config.gpu_layers, use_mmap=config.use_mmap)
-        multimodal = None
+        multimodal = context = scheduler = None
         try:
             if mmproj is not None:
                 multimodal = _engine.Multimodal(model, str(mmproj), n_threads=config.n_threads,
@@ -248,21 +216,32 @@ class LlamaCppBackend(LlmBackend):
                 n_ubatch=config.n_ubatch,
                 n_threads=config.n_threads,
                 flash_attn=config.flash_attn,
+                n_seq_max=config.parallel,
             )
+            state_bytes = int(context.state_size)
+            bos_text = model.token_text(model.bos_token) if model.bos_token >= 0 else ""
+            eos_text = model.token_text(model.eos_token) if model.eos_token >= 0 else ""
+            template = resolve_chat_template(
+                config.chat_template, model.chat_template(), model.architecture,
+                bos_token=bos_text, eos_token=eos_text)
+            if config.parallel > 1:
+                scheduler = _engine.Scheduler(context, max_queued=config.max_queued)
         except BaseException:
+            # Children before the model they point into, whatever the GC does.
+            if scheduler is not None:
+                scheduler.close()
+            if context is not None:
+                context.close()
             if multimodal is not None:
                 multimodal.close()
             model.close()
             raise
-        bos_text = model.token_text(model.bos_token) if model.bos_token >= 0 else ""
-        eos_text = model.token_text(model.eos_token) if model.eos_token >= 0 else ""
-        template = resolve_chat_template(
-            config.chat_template, model.chat_template(), model.architecture,
-            bos_token=bos_text, eos_token=eos_text)
         with self._lock:
             previous, self._loaded = self._loaded, _Loaded(
-                config, path, model, context, template, bos_text, multimodal)
+                config, path, model, context, template, bos_text, multimodal, scheduler,
+                state_bytes)
             self._cache.reset()
+            self._last_cached = None
         if previous is not None:
             _free(previous)
 
@@ -271,6 +250,7 @@ class LlamaCppBackend(LlmBackend):
         return self._loaded is not None
 
     def unload(self) -> None:
+        """Free the model. Batched requests still running end "cancelled"."""
         with self._lock:
             previous, self._loaded = self._loaded, None
             self._cache.reset()
@@ -340,25 +320,68 @@ class LlamaCppBackend(LlmBackend):
 
     def memory_usage(self) -> int | None:
         """Bytes of weights plus the context's state (KV cache), from llama.cpp."""
-        with self._lock:
-            loaded = self._loaded
-            if loaded is None:
-                return None
-            return int(loaded.model.size) + int(loaded.context.state_size)
+        loaded = self._loaded
+        if loaded is None:
+            return None
+        return int(loaded.model.size) + loaded.state_bytes
 
     def last_cached_prefix_len(self) -> int | None:
+        if self._loaded is not None and self._loaded.scheduler is not None:
+            return self._last_cached
         return self._cache.last_prefix_hit
 
-    def cancel(self) -> bool:
-        """Stop the running generation (from any thread). It returns with
-        finish_reason "cancelled"; the KV cache is cleared. False when idle."""
+    @property
+    def parallel(self) -> int:
+        """How many requests are decoded together (``LlmConfig.parallel``)."""
+        return self._require().config.parallel
+
+    def stats(self) -> dict[str, int | float]:
+        """Engine load now: ``parallel``, ``running`` and ``queued`` requests,
+        ``kv_cells_used`` / ``kv_cells_total`` (positions the sequences hold),
+        ``batch_occupancy`` (mean sequences per decode step, batched only) and
+        counters since load (steps, requests, prompt tokens reused from a
+        slot's cache or shared from another slot, caches evicted, requests
+        ended by a full cache)."""
         loaded = self._loaded
-        return bool(loaded is not None and loaded.context.cancel())
+        if loaded is None:
+            return {}
+        if loaded.scheduler is not None:
+            return dict(loaded.scheduler.stats())
+        busy = not self._lock.acquire(blocking=False)
+        if not busy:
+            self._lock.release()
+        return {
+            "parallel": 1,
+            "running": int(busy),
+            "queued": self._waiting,
+            "kv_cells_used": len(self._cache.cached_tokens),
+            "kv_cells_total": int(loaded.context.n_ctx),
+        }
+
+    def cancel(self) -> bool:
+        """Stop the running generation (from any thread); with ``parallel``
+        > 1, every request running or waiting on this backend. It returns
+        with finish_reason "cancelled"; on the single-sequence path the KV
+        cache is cleared. False when idle."""
+        loaded = self._loaded
+        if loaded is None:
+            return False
+        if loaded.scheduler is not None:
+            gens = list(self._in_flight)
+            for gen in gens:
+                gen.cancel()
+            return bool(gens)
+        return bool(loaded.context.cancel())
 
     def reset_cache(self) -> None:
-        """Forget the conversation held in the KV cache."""
+        """Forget the conversation held in the KV cache (batched: the caches
+        of the idle slots; running requests keep theirs)."""
+        loaded = self._require()
+        if loaded.scheduler is not None:
+            loaded.scheduler.clear_idle_caches()
+            self._last_cached = None
+            return
         with self._lock:
-            loaded = self._require()
             loaded.context.memory_clear()
             self._cache.reset()
 
@@ -366,116 +389,19 @@ class LlamaCppBackend(LlmBackend):
     def format_chat(self, messages: Sequence[MessageLike], *, tools: Any = None) -> str:
         """The prompt text the chat template makes of ``messages``."""
         loaded = self._require()
-        return loaded.template.render(_as_messages(messages), add_generation_prompt=True,
+        return loaded.template.render(as_messages(messages), add_generation_prompt=True,
                                       tools=tools)
-
-    def _tokenize_chat(self, loaded: _Loaded, prompt: str) -> list[int]:
-        tokens: list[int] = loaded.model.tokenize(prompt, add_special=True, parse_special=True)
-        # Templates that write the BOS text themselves would otherwise get a
-        # second BOS from the tokenizer.
-        bos = loaded.model.bos_token
-        if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
-            tokens = tokens[1:]
-        return tokens
-
-    def _prepare(self, loaded: _Loaded, tokens: list[int], config: GenerationConfig,
-                 chat: bool) -> _Prepared:
-        if not tokens:
-            raise InvalidInputError("the prompt is empty")
-        n_ctx = loaded.context.n_ctx
-        if len(tokens) >= n_ctx:
-            raise ContextOverflowError(
-                f"input too long: {len(tokens)} tokens do not fit the context window of "
-                f"{n_ctx} tokens; shorten the prompt or the conversation history")
-        exact = loaded.config.prefix_reuse == "exact"
-        plan = self._cache.plan(tokens, config.max_tokens, n_ctx, loaded.model.has_recurrent_state,
-                                align=_PREFIX_ALIGN if exact else 1)
-        stops = (merge_stop_patterns(config.stop_sequences, CHAT_STOP_PATTERNS) if chat
-                 else tuple(config.stop_sequences))
-        return _Prepared(tokens, plan, stops, chat)
-
-    def _prepare_chat(self, loaded: _Loaded, msgs: list[ChatMessage],
-                      config: GenerationConfig) -> _Prepared:
-        tools = _offered_tools(config)
-        template_tools: list[dict[str, Any]] | None = None
-        if tools:
-            msgs, template_tools = _with_tool_prompt(loaded.template, msgs, tools)
-        if not any(m.media for m in msgs):
-            prompt = loaded.template.render(msgs, add_generation_prompt=True, tools=template_tools)
-            prepared = self._prepare(loaded, self._tokenize_chat(loaded, prompt), config, chat=True)
-        else:
-            prepared = self._prepare_multimodal(loaded, msgs, config, template_tools)
-        prepared.tool_names = tuple(t["function"]["name"] for t in tools)
-        return prepared
-
-    def _prepare_multimodal(self, loaded: _Loaded, msgs: list[ChatMessage],
-                            config: GenerationConfig,
-                            tools: list[dict[str, Any]] | None) -> _Prepared:
-        """Render the media markers into the prompt, then tokenize and
-        evaluate text and media through mtmd. Media prompts always start
-        from an empty cache: their positions do not map to token ids."""
-        mm = loaded.multimodal
-        if mm is None:
-            raise UnsupportedInputError(
-                "this message carries images or audio, but no multimodal projector is loaded: "
-                "pass LlmConfig(mmproj_path=...) for a vision or audio model")
-        items: list[tuple[Any, ...]] = []
-        rendered: list[ChatMessage] = []
-        for m in msgs:
-            markers = ""
-            for item in m.media:
-                if isinstance(item, Image):
-                    if not mm.vision:
-                        raise UnsupportedInputError("the loaded projector has no vision encoder")
-                    items.append(("image", *image_to_rgb(item)))
-                elif isinstance(item, Audio):
-                    if not mm.audio:
-                        raise UnsupportedInputError("the loaded projector has no audio encoder")
-                    items.append(audio_to_item(item))
-                markers += mm.marker + "\n"
-            rendered.append(ChatMessage(m.role, markers + m.content, m.name, m.tool_call_id))
-        prompt = loaded.template.render(rendered, add_generation_prompt=True, tools=tools)
-        if loaded.bos_text and prompt.startswith(loaded.bos_text):
-            prompt = prompt[len(loaded.bos_text):]  # mtmd adds the BOS itself
-        start_ns = _engine.monotonic_ns()
-        chunks = mm.tokenize(prompt, items)
-        n_ctx = loaded.context.n_ctx
-        if chunks.n_pos >= n_ctx:
-            raise ContextOverflowError(
-                f"input too long: the prompt with its media takes {chunks.n_pos} positions, "
-                f"more than the context window of {n_ctx}")
-        loaded.context.memory_clear()
-        self._cache.reset()
-        try:
-            n_past = loaded.context.eval_chunks(mm, chunks, 0, _SEQ)
-        except BaseException:
-            self._forget(loaded)
-            raise
-        stops = merge_stop_patterns(config.stop_sequences, CHAT_STOP_PATTERNS)
-        plan = PrefixPlan(keep=n_past, tail=[], full_clear=False)
-        media = sum(chunks.media_tokens().values())
-        return _Prepared([], plan, stops, True, media_tokens=media, n_prompt=chunks.n_tokens,
-                         start_ns=start_ns)
-
-    def _apply_plan(self, loaded: _Loaded, prepared: _Prepared) -> tuple[list[int], int]:
-        plan = prepared.plan
-        if prepared.start_ns is not None:  # multimodal: already evaluated
-            return [], plan.keep
-        if plan.full_clear or not loaded.context.seq_rm(_SEQ, plan.keep, -1):
-            loaded.context.memory_clear()
-            return prepared.tokens, 0
-        return plan.tail, plan.keep
 
     # --- generation ------------------------------------------------------------------
     def generate(self, messages: Sequence[MessageLike],
                  config: GenerationConfig | None = None) -> GenerationOutput:
-        return self._run_chat(messages, config, None)
+        return self._call(_chat(messages), config, None)
 
     def generate_streaming(self, messages: Sequence[MessageLike], config: GenerationConfig | None,
                            on_token: StreamingCallback) -> GenerationOutput:
         if not callable(on_token):
             raise InvalidInputError("on_token must be callable")
-        return self._run_chat(messages, config, on_token)
+        return self._call(_chat(messages), config, on_token)
 
     def generate_raw(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
                      on_token: StreamingCallback | None = None) -> GenerationOutput:
@@ -487,137 +413,225 @@ class LlamaCppBackend(LlmBackend):
         of token ids used as they are, for callers that tokenize themselves.
         With ``on_token`` the pieces are streamed to it as they are made.
         """
-        config = _config(config)
         if on_token is not None and not callable(on_token):
             raise InvalidInputError("on_token must be callable")
-        with self._lock:
-            loaded = self._require()
-            prepared = self._prepare_raw(loaded, prompt, config)
-            return self._execute(loaded, prepared, config, on_token)
+        return self._call(_raw(prompt), config, on_token)
 
     def stream(self, messages: Sequence[MessageLike],
                config: GenerationConfig | None = None) -> Iterator[PartialToken]:
         """Yield the reply as it is generated, then a final empty piece with
         ``finish_reason``. Closing the generator early cancels the generation
-        (the KV cache is cleared, as after any cancelled call)."""
-        config = _config(config)
-        msgs = _as_messages(messages)
-        return self._stream(lambda loaded: self._prepare_chat(loaded, msgs, config), config)
+        (on the single-sequence path the KV cache is cleared, as after any
+        cancelled call)."""
+        return self._stream(_chat(messages), check_config(config))
 
     def stream_raw(self, prompt: str | Sequence[int],
                    config: GenerationConfig | None = None) -> Iterator[PartialToken]:
         """:meth:`stream` for a raw prompt (text or token ids, as for
         :meth:`generate_raw`)."""
-        config = _config(config)
-        _check_raw_prompt(prompt)
-        return self._stream(lambda loaded: self._prepare_raw(loaded, prompt, config), config)
+        return self._stream(_raw(prompt), check_config(config))
 
-    def _prepare_raw(self, loaded: _Loaded, prompt: str | Sequence[int],
-                     config: GenerationConfig) -> _Prepared:
-        _check_raw_prompt(prompt)
-        if isinstance(prompt, str):
-            tokens = loaded.model.tokenize(prompt, add_special=True, parse_special=True)
+    async def astream(self, messages: Sequence[MessageLike],
+                      config: GenerationConfig | None = None) -> AsyncIterator[PartialToken]:
+        """Async :meth:`stream`. With ``parallel`` > 1 no thread is used: the
+        scheduler pokes a pipe the event loop watches. Closing the generator
+        early cancels the request."""
+        prepare = _chat(messages)
+        loaded = self._loaded
+        if loaded is None or loaded.scheduler is None:
+            async for piece in super().astream(messages, config):
+                yield piece
+            return
+        async for piece in self._astream_batched(prepare, check_config(config)):
+            yield piece
+
+    async def astream_raw(self, prompt: str | Sequence[int],
+                          config: GenerationConfig | None = None) -> AsyncIterator[PartialToken]:
+        """Async :meth:`stream_raw` (see :meth:`astream`)."""
+        prepare = _raw(prompt)
+        config = check_config(config)
+        loaded = self._loaded
+        if loaded is None or loaded.scheduler is None:
+            from xybrid.backend import _stream_async
+
+            async for piece in _stream_async(lambda: self.stream_raw(prompt, config)):
+                yield piece
+            return
+        async for piece in self._astream_batched(prepare, config):
+            yield piece
+
+    def generate_batch(self, requests: Sequence[Any],
+                       config: GenerationConfig | Sequence[GenerationConfig] | None = None, *,
+                       raw: bool = False,
+                       return_exceptions: bool = False) -> list[Any]:
+        """Run many requests and return their outputs in input order.
+
+        Each request is a message list (or, with ``raw=True``, a prompt
+        string or token ids). ``config`` is one config for all or one per
+        request. With ``parallel`` > 1 the requests are decoded together,
+        fed to the scheduler as slots and queue room free up; otherwise one
+        after another. A request that fails raises its error (the others are
+        cancelled), or with ``return_exceptions=True`` stands in the list as
+        the exception while the others complete.
+        """
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+            raise InvalidInputError("requests must be a sequence of requests")
+        if config is None or isinstance(config, GenerationConfig):
+            configs = [check_config(config)] * len(requests)
         else:
-            tokens = list(prompt)
-            n_vocab = loaded.model.n_vocab
-            for i, t in enumerate(tokens):
-                if not 0 <= t < n_vocab:
-                    raise InvalidInputError(
-                        f"prompt token {i} = {t} is not a token id of this model (0..{n_vocab - 1})")
-        return self._prepare(loaded, tokens, config, chat=False)
+            configs = [check_config(c) for c in config]
+            if len(configs) != len(requests):
+                raise InvalidInputError(
+                    f"config has {len(configs)} entries for {len(requests)} requests")
+        prepares = [_raw(r) if raw else _chat(r) for r in requests]
+        loaded = self._require()
+        results: list[Any] = []
+        if loaded.scheduler is None:
+            for prepare, cfg in zip(prepares, configs):
+                try:
+                    results.append(self._call(prepare, cfg, None))
+                except XybridError as exc:
+                    if not return_exceptions:
+                        raise
+                    results.append(exc)
+            return results
+        started: list[Any] = []
+        try:
+            for prepare, cfg in zip(prepares, configs):
+                try:
+                    prepared, gen = self._submit(prepare, cfg, streaming=False, block=True)
+                    started.append((prepared, cfg, gen))
+                except XybridError as exc:
+                    if not return_exceptions:
+                        raise
+                    started.append(exc)
+            for item in started:
+                if isinstance(item, BaseException):
+                    results.append(item)
+                    continue
+                prepared, cfg, gen = item
+                try:
+                    results.append(self._finish_batched(prepared, cfg, gen.wait()))
+                except XybridError as exc:
+                    if not return_exceptions:
+                        raise
+                    results.append(exc)
+        except BaseException:
+            for item in started:
+                if not isinstance(item, BaseException):
+                    item[2].cancel()
+            raise
+        return results
 
-    def _stream(self, prepare: Callable[[_Loaded], _Prepared],
-                config: GenerationConfig) -> Iterator[PartialToken]:
-        """The generator behind :meth:`stream` and :meth:`stream_raw`. It holds
-        the lock from the first ``next()`` until it is exhausted or closed."""
-        with self._lock:
+    # --- running: the single-sequence path -----------------------------------------
+    def _call(self, prepare: _Prepare, config: GenerationConfig | None,
+              on_token: StreamingCallback | None) -> GenerationOutput:
+        config = check_config(config)
+        loaded = self._require()
+        if loaded.scheduler is not None:
+            return self._call_batched(prepare, config, on_token)
+        with self._locked():
             loaded = self._require()
-            prepared = prepare(loaded)
-            tail, n_past = self._apply_plan(loaded, prepared)
-            sampler = _sampler(loaded.model, config)
+            prepared = prepare(loaded.view, config)
+            # The sampler (which can refuse the grammar) before any cache
+            # surgery: a refused request leaves the cache as it was.
+            sampler = make_sampler(loaded.model, config)
+            tail, n_past, start_ns = self._apply_plan(loaded, prepared, config)
+            run = dict(max_tokens=config.max_tokens, n_past=n_past, seq_id=_SEQ,
+                       stop=prepared.stops or None, logits_ready=not tail,
+                       render_special=bool(prepared.tool_names))
+            if on_token is None:
+                try:
+                    result = loaded.context.generate(tail, sampler, **run)
+                except BaseException:
+                    self._forget(loaded)
+                    raise
+                return self._finish(loaded, prepared, config, result, n_past, start_ns)
+            gen = loaded.context.stream(tail, sampler, **run)
+            return _drive_callback(
+                gen, prepared, on_token,
+                finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
+                abandon=lambda: self._forget(loaded))
+
+    def _stream(self, prepare: _Prepare, config: GenerationConfig) -> Iterator[PartialToken]:
+        """The generator behind :meth:`stream` and :meth:`stream_raw`. On the
+        single-sequence path it holds the lock from the first ``next()``
+        until it is exhausted or closed."""
+        loaded = self._require()
+        if loaded.scheduler is not None:
+            prepared, gen = self._submit(prepare, config, streaming=True)
+            yield from _drive_iter(gen, prepared,
+                                   finish=lambda r: self._finish_batched(prepared, config, r),
+                                   abandon=_nothing)
+            return
+        with self._locked():
+            loaded = self._require()
+            prepared = prepare(loaded.view, config)
+            sampler = make_sampler(loaded.model, config)
+            tail, n_past, start_ns = self._apply_plan(loaded, prepared, config)
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
                                         n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None,
                                         logits_ready=not tail,
                                         render_special=bool(prepared.tool_names))
-            pieces = _PieceStream(prepared)
-            index = 0
-            finished = False
+            yield from _drive_iter(
+                gen, prepared,
+                finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
+                abandon=lambda: self._forget(loaded))
+
+    def _locked(self) -> Any:
+        """The backend lock, counting the callers that wait for it (stats)."""
+        backend = self
+
+        class _Hold:
+            def __enter__(self) -> None:
+                backend._waiting += 1
+                try:
+                    backend._lock.acquire()
+                finally:
+                    backend._waiting -= 1
+
+            def __exit__(self, *exc: object) -> None:
+                backend._lock.release()
+
+        return _Hold()
+
+    def _apply_plan(self, loaded: _Loaded, prepared: PreparedRequest,
+                    config: GenerationConfig) -> tuple[list[int], int, int | None]:
+        """Make the cache ready for ``prepared`` (lock held). Returns the
+        tokens still to decode, the cached positions they follow, and when a
+        media prompt's evaluation began (None for text)."""
+        context = loaded.context
+        if prepared.chunks is not None:
+            # Media prompts always start from an empty cache: their positions
+            # do not map to token ids.
+            start_ns = _engine.monotonic_ns()
+            context.memory_clear()
+            self._cache.reset()
             try:
-                for chunk in gen:
-                    safe = pieces.push(chunk)
-                    if safe:
-                        n = gen.tokens_at_last_chunk
-                        yield PartialToken(safe, index, pieces.cumulative,
-                                           gen.token_at(n - 1) if n else None)
-                        index += 1
-                tail_text = pieces.finish()
-                if tail_text:
-                    yield PartialToken(tail_text, index, pieces.cumulative)
-                    index += 1
-                finished = True
-            finally:
-                if not finished:
-                    gen.close()
-                    self._forget(loaded)
-            output = self._finish(loaded, prepared, config, gen.result, n_past)
-            yield PartialToken("", index, output.text, None, output.finish_reason,
-                               output.tool_calls, output)
-
-    def _run_chat(self, messages: Sequence[MessageLike], config: GenerationConfig | None,
-                  on_token: StreamingCallback | None) -> GenerationOutput:
-        config = _config(config)
-        msgs = _as_messages(messages)
-        with self._lock:
-            loaded = self._require()
-            prepared = self._prepare_chat(loaded, msgs, config)
-            return self._execute(loaded, prepared, config, on_token)
-
-    def _execute(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
-                 on_token: StreamingCallback | None) -> GenerationOutput:
-        """Run the engine (lock held) and build the output."""
-        tail, n_past = self._apply_plan(loaded, prepared)
-        sampler = _sampler(loaded.model, config)
-        pieces = _PieceStream(prepared)
-        on_text: Callable[[str], object] | None = None
-        index = 0
-        if on_token is not None:
-            def on_text(chunk: str) -> object:
-                nonlocal index
-                safe = pieces.push(chunk)
-                if not safe:
-                    return None
-                piece = PartialToken(safe, index, pieces.cumulative)
-                index += 1
-                return on_token(piece)
-        try:
-            result = loaded.context.generate(tail, sampler, max_tokens=config.max_tokens,
-                                             n_past=n_past, seq_id=_SEQ,
-                                             stop=prepared.stops or None, on_text=on_text,
-                                             logits_ready=not tail,
-                                             render_special=bool(prepared.tool_names))
-        except BaseException:
-            self._forget(loaded)
-            raise
-        if on_token is not None and result.stop_reason != "cancelled":
-            rest = pieces.finish()
-            if rest:
-                on_token(PartialToken(rest, index, pieces.cumulative))
-                index += 1
-        output = self._finish(loaded, prepared, config, result, n_past)
-        if on_token is not None:
-            on_token(PartialToken("", index, output.text, None, output.finish_reason,
-                                  output.tool_calls, output))
-        return output
+                n_past = context.eval_chunks(loaded.multimodal, prepared.chunks, 0, _SEQ)
+            except BaseException:
+                self._forget(loaded)
+                raise
+            return [], n_past, start_ns
+        exact = loaded.config.prefix_reuse == "exact"
+        plan = self._cache.plan(prepared.tokens, config.max_tokens, int(context.n_ctx),
+                                loaded.model.has_recurrent_state,
+                                align=_PREFIX_ALIGN if exact else 1)
+        if plan.full_clear or not context.seq_rm(_SEQ, plan.keep, -1):
+            context.memory_clear()
+            self._cache.reset()
+            return prepared.tokens, 0, None
+        return plan.tail, plan.keep, None
 
     def _forget(self, loaded: _Loaded) -> None:
         """After a failed or cancelled run nothing in the cache can be trusted."""
         loaded.context.memory_clear()
         self._cache.reset()
 
-    def _finish(self, loaded: _Loaded, prepared: _Prepared, config: GenerationConfig,
-                result: Any, n_past: int) -> GenerationOutput:
-        """Record the cache, clean the text, derive finish reason and telemetry."""
-        if result.stop_reason == "cancelled" or prepared.start_ns is not None:
+    def _finish(self, loaded: _Loaded, prepared: PreparedRequest, config: GenerationConfig,
+                result: Any, n_past: int, start_ns: int | None) -> GenerationOutput:
+        """Record what the cache holds now, then build the output."""
+        if result.stop_reason == "cancelled" or prepared.chunks is not None:
             # Cancelled: the cache is in an unknown state. Multimodal: its
             # positions do not correspond to token ids, so nothing can be reused.
             self._forget(loaded)
@@ -633,167 +647,200 @@ class LlamaCppBackend(LlmBackend):
                 # last one sampled) are in the cache after the prompt.
                 cached = cached + list(result.tokens[:result.n_past - len(cached)])
             self._cache.commit(cached, n_past)
-        text = result.text
-        stopped = result.stop_reason in ("stop", "eog")
-        thinking = ""
-        tool_calls: tuple[dict[str, Any], ...] = ()
-        if prepared.chat:
-            final_patterns = merge_stop_patterns(
-                config.stop_sequences, CHAT_STOP_PATTERNS + CHAT_STOP_PATTERNS_BROKEN)
-            text, cut = truncate_at_first_stop(text, final_patterns)
-            text, trimmed = trim_partial_stop_suffix(text, final_patterns)
-            parsed = parse_tool_calls(text, "auto" if prepared.tool_names else "none",
-                                      tool_names=prepared.tool_names or None)
-            if parsed.malformed and not parsed.tool_calls:
-                raise ToolCallError(
-                    f"the model wrote a tool call that does not parse: {parsed.malformed[0].error}",
-                    parsed.malformed[0].raw)
-            tool_calls = tuple(call.to_openai() for call in parsed.tool_calls)
-            thinking = parsed.thinking
-            text = strip_thinking_tags(parsed.text).strip()
-            stopped = stopped or cut or trimmed
-        finish_reason = {"cancelled": "cancelled"}.get(
-            result.stop_reason, "stop" if stopped else "length")
-        if tool_calls:
-            finish_reason = "tool_calls"
-        prompt_tokens = len(prepared.tokens) or prepared.n_prompt
-        prefilled = result.n_prompt  # tokens actually decoded in prefill
-        start_ns = result.t_start_ns
-        if prepared.start_ns is not None:  # media prompt: evaluated before the loop
-            prefilled, start_ns = prepared.n_prompt, prepared.start_ns
-        tel = compute_telemetry(
-            start_ns=start_ns, prefill_end_ns=result.t_prefill_end_ns,
-            token_times_ns=result.token_ns, chunk_times_ns=result.chunk_ns,
-            end_ns=result.t_end_ns, prompt_tokens=prompt_tokens,
-            prefilled_tokens=prefilled)
-        output = GenerationOutput(
-            text=text,
-            tokens_generated=len(result.tokens),
-            generation_time_ms=tel.generation_time_ms,
-            tokens_per_second=tel.tokens_per_second,
-            finish_reason=finish_reason,
-            ttft_ms=tel.ttft_ms,
-            mean_itl_ms=tel.mean_itl_ms,
-            p95_itl_ms=tel.p95_itl_ms,
-            emitted_chunks=tel.emitted_chunks,
-            inter_chunk_ms=tel.inter_chunk_ms,
-            decode_tps=tel.decode_tps,
-            prefill_tps=tel.prefill_tps,
-            prompt_tokens=prompt_tokens,
-            cached_prompt_tokens=prompt_tokens - prefilled,
-            media_tokens=prepared.media_tokens,
-            stop_reason=result.stop_reason,
-            token_ids=tuple(result.tokens),
-            tool_calls=tool_calls,
-            thinking=thinking,
-        )
-        record_on_current_span(output)
-        return output
+        if prepared.chunks is not None:
+            return build_output(prepared, config, result, start_ns=start_ns,
+                                prefilled=prepared.n_prompt)
+        return build_output(prepared, config, result)
+
+    # --- running: the batched path -----------------------------------------------------
+    def _submit(self, prepare: _Prepare, config: GenerationConfig, *, streaming: bool,
+                wake_pipe: bool = False, block: bool = False) -> tuple[PreparedRequest, Any]:
+        """Prepare a request and queue it on the scheduler. Under the lock,
+        which only load() and unload() hold for long: the model must not be
+        freed while its tokenizer and template run. The decode runs after,
+        without it."""
+        with self._lock:
+            loaded = self._require()
+            prepared = prepare(loaded.view, config)
+            sampler = make_sampler(loaded.model, config)
+            media = {}
+            if prepared.chunks is not None:
+                media = {"mm": loaded.multimodal, "chunks": prepared.chunks}
+            gen = loaded.scheduler.submit(
+                prepared.tokens, sampler, max_tokens=config.max_tokens,
+                stop=prepared.stops or None, render_special=bool(prepared.tool_names),
+                streaming=streaming, wake_pipe=wake_pipe, block=block, **media)
+        self._in_flight.add(gen)
+        return prepared, gen
+
+    def _finish_batched(self, prepared: PreparedRequest, config: GenerationConfig,
+                        result: Any) -> GenerationOutput:
+        self._last_cached = result.n_cached
+        if prepared.chunks is not None:
+            return build_output(prepared, config, result, prefilled=prepared.n_prompt)
+        return build_output(prepared, config, result)
+
+    def _call_batched(self, prepare: _Prepare, config: GenerationConfig,
+                      on_token: StreamingCallback | None) -> GenerationOutput:
+        if on_token is None:
+            prepared, gen = self._submit(prepare, config, streaming=False)
+            try:
+                result = gen.wait()
+            except BaseException:
+                gen.cancel()
+                raise
+            return self._finish_batched(prepared, config, result)
+        prepared, gen = self._submit(prepare, config, streaming=True)
+        return _drive_callback(gen, prepared, on_token,
+                               finish=lambda r: self._finish_batched(prepared, config, r),
+                               abandon=_nothing)
+
+    async def _astream_batched(self, prepare: _Prepare,
+                               config: GenerationConfig) -> AsyncIterator[PartialToken]:
+        import asyncio
+
+        prepared, gen = self._submit(prepare, config, streaming=True, wake_pipe=True)
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        fd = gen.wake_fd
+        loop.add_reader(fd, ready.set)
+        pieces = PieceStream(prepared)
+        index = 0
+        ended = False
+        try:
+            while True:
+                ready.clear()
+                chunk = gen.poll()
+                if chunk is None:
+                    break
+                if not chunk:
+                    await ready.wait()
+                    continue
+                safe = pieces.push(chunk)
+                if safe:
+                    n = gen.tokens_at_last_chunk
+                    yield PartialToken(safe, index, pieces.cumulative,
+                                       gen.token_at(n - 1) if n else None)
+                    index += 1
+            tail = pieces.finish()
+            if tail:
+                yield PartialToken(tail, index, pieces.cumulative)
+                index += 1
+            ended = True
+        finally:
+            if not ended:
+                await _cancel_async(gen, ready)
+            loop.remove_reader(fd)
+        output = self._finish_batched(prepared, config, gen.result)
+        yield PartialToken("", index, output.text, None, output.finish_reason,
+                           output.tool_calls, output)
+
+
+_Prepare = Callable[[ModelView, GenerationConfig], PreparedRequest]
+
+
+def _chat(messages: Sequence[MessageLike]) -> _Prepare:
+    """Validate ``messages`` now; prepare them against a model later."""
+    msgs = as_messages(messages)
+    return lambda view, config: prepare_chat(view, msgs, config)
+
+
+def _raw(prompt: str | Sequence[int]) -> _Prepare:
+    check_raw_prompt(prompt)
+    return lambda view, config: prepare_raw(view, prompt, config)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _drive_iter(gen: Any, prepared: PreparedRequest, *, finish: Callable[[Any], GenerationOutput],
+                abandon: Callable[[], None]) -> Iterator[PartialToken]:
+    """Pieces of a running generation, then the final piece with the
+    output. Closing early cancels the generation and calls ``abandon``."""
+    pieces = PieceStream(prepared)
+    index = 0
+    finished = False
+    try:
+        for chunk in gen:
+            safe = pieces.push(chunk)
+            if safe:
+                n = gen.tokens_at_last_chunk
+                yield PartialToken(safe, index, pieces.cumulative,
+                                   gen.token_at(n - 1) if n else None)
+                index += 1
+        tail = pieces.finish()
+        if tail:
+            yield PartialToken(tail, index, pieces.cumulative)
+            index += 1
+        finished = True
+    finally:
+        if not finished:
+            gen.close()
+            abandon()
+    output = finish(gen.result)
+    yield PartialToken("", index, output.text, None, output.finish_reason,
+                       output.tool_calls, output)
+
+
+def _drive_callback(gen: Any, prepared: PreparedRequest, on_token: StreamingCallback, *,
+                    finish: Callable[[Any], GenerationOutput],
+                    abandon: Callable[[], None]) -> GenerationOutput:
+    """Feed a running generation's pieces to ``on_token``; ``False`` from it
+    cancels. An exception from it (or from the generation) cancels, calls
+    ``abandon`` and propagates. The final piece carries the output."""
+    pieces = PieceStream(prepared)
+    index = 0
+    try:
+        for chunk in gen:
+            safe = pieces.push(chunk)
+            if not safe:
+                continue
+            piece = PartialToken(safe, index, pieces.cumulative)
+            index += 1
+            if on_token(piece) is False:
+                gen.close()
+                break
+    except BaseException:
+        gen.close()
+        abandon()
+        raise
+    result = gen.result
+    if result.stop_reason != "cancelled":
+        rest = pieces.finish()
+        if rest:
+            on_token(PartialToken(rest, index, pieces.cumulative))
+            index += 1
+    output = finish(result)
+    on_token(PartialToken("", index, output.text, None, output.finish_reason,
+                          output.tool_calls, output))
+    return output
+
+
+async def _cancel_async(gen: Any, ready: Any) -> None:
+    """Cancel a batched generation from a coroutine and wait for the
+    scheduler to let it go without blocking the event loop."""
+    gen.cancel()
+    try:
+        while True:
+            ready.clear()
+            chunk = gen.poll()
+            if chunk is None:
+                return
+            if not chunk:
+                await ready.wait()
+    except BaseException:
+        # Cancelled again while waiting, or the generation's own error: the
+        # blocking close still releases it safely (within one step).
+        gen.close()
 
 
 def _free(loaded: _Loaded) -> None:
+    # Children first: the scheduler's thread uses the context, which points
+    # into the model.
+    if loaded.scheduler is not None:
+        loaded.scheduler.close()
     if loaded.multimodal is not None:
         loaded.multimodal.close()
     loaded.context.close()
     loaded.model.close()
-
-
-def _config(config: GenerationConfig | None) -> GenerationConfig:
-    if config is None:
-        return GenerationConfig()
-    if not isinstance(config, GenerationConfig):
-        raise InvalidInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
-    return config
-
-
-def _check_raw_prompt(prompt: object) -> None:
-    """A raw prompt is text or a sequence of plain ints (token ids)."""
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
-        raise InvalidInputError(
-            f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
-    for i, t in enumerate(prompt):
-        if type(t) is not int:  # bool and numpy integers are refused, as by the engine
-            raise InvalidInputError(
-                f"prompt token {i} must be an int token id, got {type(t).__name__}")
-
-
-def _as_messages(messages: Sequence[MessageLike]) -> list[ChatMessage]:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise InvalidInputError(
-            "messages must be a sequence of ChatMessage or {'role', 'content'} dicts; "
-            "for a plain prompt use generate_raw()")
-    if not messages:
-        raise InvalidInputError("messages is empty")
-    out = []
-    for i, m in enumerate(messages):
-        if isinstance(m, ChatMessage):
-            out.append(m)
-        elif isinstance(m, dict):
-            out.append(ChatMessage.from_dict(m))
-        else:
-            raise InvalidInputError(f"messages[{i}] must be a ChatMessage or a dict, got {type(m).__name__}")
-    return out
-
-
-def _sampler(model: Any, config: GenerationConfig) -> Any:
-    return _engine.Sampler(
-        model,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p,
-        repeat_penalty=config.repetition_penalty,
-        repeat_last_n=config.repetition_penalty_window,
-        frequency_penalty=config.frequency_penalty,
-        presence_penalty=config.presence_penalty,
-        seed=config.seed,
-        grammar=_grammar_for(config),
-    )
-
-
-def _grammar_for(config: GenerationConfig) -> str | None:
-    """The GBNF that constrains this generation, pre-checked before llama.cpp
-    parses it (size and alternation bounds, syntax)."""
-    grammar: str | None
-    if config.grammar is not None:
-        grammar = config.grammar
-    elif config.json_schema is not None:
-        grammar = json_schema_to_gbnf(config.json_schema)
-    elif config.response_format is not None:
-        grammar = response_format_to_grammar(config.response_format)
-    elif config.tool_choice == "required":
-        grammar = tool_call_grammar(list(config.tools), "hermes")
-    else:
-        return None
-    return validate_grammar(grammar) if grammar is not None else None
-
-
-def _offered_tools(config: GenerationConfig) -> list[dict[str, Any]]:
-    if not config.tools or config.tool_choice == "none":
-        return []
-    return [spec.to_openai() for spec in validate_tools(list(config.tools))]
-
-
-def _with_tool_prompt(
-    template: ChatTemplate, msgs: list[ChatMessage], tools: list[dict[str, Any]]
-) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
-    """Messages and the ``tools`` template variable. Templates that know
-    tools get them as that variable; for the others the tool descriptions go
-    into the system message."""
-    if "tools" in (getattr(template, "source", "") or ""):
-        return msgs, tools
-    described = tools_to_system_prompt(tools, "hermes")
-    if msgs and msgs[0].role == "system":
-        return [ChatMessage.system(msgs[0].content + "\n\n" + described), *msgs[1:]], None
-    return [ChatMessage.system(described), *msgs], None
-
-
-def _filter_for(prepared: _Prepared) -> StreamingTextFilter:
-    """Chat replies hide reasoning blocks and stop at chat markers; raw
-    continuations pass through untouched (the engine already cut at the
-    caller's stop sequences)."""
-    if prepared.chat:
-        return StreamingTextFilter(prepared.stops)
-    return StreamingTextFilter((), strip_thinking=False)

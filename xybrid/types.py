@@ -583,6 +583,7 @@ class GenerationOutput:
     media_tokens: int = 0
     tool_calls: tuple[dict[str, Any], ...] = ()
     thinking: str = ""
+    queued_ms: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         """Telemetry mapping under the canonical key names.
@@ -592,8 +593,8 @@ class GenerationOutput:
         KV cache), ``tokens_out`` and ``tokens_generated`` (both the number of
         generated tokens), ``generation_time_ms``, ``tokens_per_second``,
         ``ttft_ms``, ``mean_itl_ms``, ``p95_itl_ms``, ``emitted_chunks``,
-        ``inter_chunk_ms``, ``decode_tps``, ``prefill_tps`` and ``token_ids``
-        (a list). Every key is always present, with ``None`` where a figure is
+        ``inter_chunk_ms``, ``decode_tps``, ``prefill_tps``, ``queued_ms`` (time
+        waiting for a free slot of a batching backend) and ``token_ids`` (a list). Every key is always present, with ``None`` where a figure is
         unknown, so the mapping has a fixed schema and is JSON-serialisable.
         """
         return {
@@ -614,5 +615,6 @@ class GenerationOutput:
             "decode_tps": self.decode_tps,
             "prefill_tps": self.prefill_tps,
             "media_tokens": self.media_tokens,
+            "queued_ms": self.queued_ms,
             "token_ids": list(self.token_ids),
         }
