@@ -513,3 +513,37 @@ def test_engine_scheduler_refuses_misuse(f32_path: Path) -> None:
     # Closed: the context is the caller's again.
     assert len(ctx.generate(model.tokenize("hello"), _engine.Sampler(model), max_tokens=2).tokens) == 2
     ctx.close()
+
+
+def test_ctrl_c_cancels_a_batched_generate_and_the_backend_stays_usable(
+        f32_path: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupt.py"
+    script.write_text(f"""
+import sys, time
+from xybrid import GenerationConfig, LlamaCppBackend, LlmConfig
+b = LlamaCppBackend(LlmConfig({str(f32_path)!r}, context_length=8192, n_threads=1, parallel=2))
+print("ready", flush=True)
+try:
+    b.generate_raw("Once", GenerationConfig(max_tokens=8000, temperature=0))
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", b.stats()["running"], flush=True)
+out = b.generate_raw("Once", GenerationConfig(max_tokens=4, temperature=0))
+print("after", out.tokens_generated, flush=True)
+b.unload()
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.split("\n")[:2] == ["interrupted 0", "after 4"], out
+    assert proc.returncode == 0

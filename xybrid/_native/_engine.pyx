@@ -21,6 +21,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
 cimport cython
 
 from xybrid._native.llama cimport *
@@ -60,7 +61,7 @@ cdef extern from "engine_support.h" nogil:
     void xy_log_set_print_level(int level)
     size_t xy_log_take(char * out, size_t cap)
     llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
-                          int32_t idx, llama_token_data * cur, int32_t n_vocab)
+                          int32_t idx, llama_token_data * cur, int32_t n_vocab, int argmax)
     ggml_threadpool * xy_threadpool_new(int n_threads)
     void xy_threadpool_free(ggml_threadpool * pool)
 
@@ -83,6 +84,10 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t * cond, pthread_mutex_t * mutex)
     int pthread_cond_broadcast(pthread_cond_t * cond)
     int pthread_cond_signal(pthread_cond_t * cond)
+
+
+cdef extern from "engine_support.h" nogil:
+    int xy_cond_wait_ms(pthread_cond_t * cond, pthread_mutex_t * mu, int ms)
 
 
 # Unread streamed bytes the loop may run ahead of its consumer before it

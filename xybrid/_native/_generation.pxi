@@ -48,6 +48,7 @@ cdef struct GenState:
     llama_sampler * grammar     # NULL without a grammar
     llama_token_data * candidates
     int32_t n_vocab
+    bint argmax                 # the chain is greedy only: a plain argmax of the row
     llama_batch * batch
     int32_t n_batch
     int32_t n_ctx
@@ -313,7 +314,7 @@ cdef void gen_run(GenState * g) noexcept nogil:
         if xy_atomic_load(&g.cancel):
             gen_finish(g, REASON_CANCELLED)
             return
-        tok = xy_sample(g.smpl, g.grammar, g.ctx, -1, g.candidates, g.n_vocab)
+        tok = xy_sample(g.smpl, g.grammar, g.ctx, -1, g.candidates, g.n_vocab, g.argmax)
         if gen_after_sample(g, tok) != 0:
             return
         rc = decode_tokens(g.ctx, g.batch, g.n_batch, &tok, 1, g.n_past, g.seq_id, True, &g.cancel)
@@ -473,6 +474,7 @@ cdef class Generation:
         g.grammar = sampler.grammar
         g.candidates = sampler.candidates
         g.n_vocab = sampler.n_vocab
+        g.argmax = sampler.argmax_only
         g.batch = &context.batch
         g.n_batch = context.n_batch_alloc
         g.n_ctx = n_ctx
@@ -603,6 +605,9 @@ cdef class Generation:
         if not self.finished:
             if self.scheduler is None and not self.thread_started:
                 raise XybridError("this generation has no loop to wait for")
+            if self.scheduler is not None and self.submitted:
+                self.scheduler.wait_released_interruptibly(self)
+                self.submitted = False
             self.finish()
         if self.error is not None:
             raise self.error

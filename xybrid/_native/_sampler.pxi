@@ -22,6 +22,7 @@ cdef class Sampler:
     cdef llama_sampler * grammar        # owned separately from the chain
     cdef llama_token_data * candidates  # n_vocab scratch entries for the grammar path
     cdef int32_t n_vocab
+    cdef readonly bint argmax_only      # greedy with nothing before it: sampled by a plain argmax
     cdef Model model
     cdef readonly dict params
 
@@ -72,6 +73,8 @@ cdef class Sampler:
         self.ptr = llama_sampler_chain_init(cparams)
         if self.ptr == NULL:
             raise MemoryError("llama_sampler_chain_init failed")
+        self.n_vocab = llama_vocab_n_tokens(model.vocab)
+        self.argmax_only = False
         cdef llama_sampler * stage
         cdef bytes bgrammar, broot
         if grammar is not None:
@@ -84,7 +87,6 @@ cdef class Sampler:
             if self.grammar == NULL:
                 reason = take_log_tail()
                 raise GrammarError("llama.cpp rejected the grammar" + (f": {reason}" if reason else ""))
-            self.n_vocab = llama_vocab_n_tokens(model.vocab)
             self.candidates = <llama_token_data *> malloc(self.n_vocab * sizeof(llama_token_data))
             if self.candidates == NULL:
                 raise MemoryError("cannot allocate the grammar candidate buffer")
@@ -94,6 +96,7 @@ cdef class Sampler:
                 repeat_penalty, frequency_penalty, presence_penalty))
         if temperature <= 0.0:
             self.add(llama_sampler_init_greedy())
+            self.argmax_only = llama_sampler_chain_n(self.ptr) == 1
             return
         if top_k > 0:
             self.add(llama_sampler_init_top_k(top_k))
@@ -122,7 +125,8 @@ cdef class Sampler:
 
     cdef llama_token draw(self, llama_context * ctx, int32_t index) noexcept nogil:
         """Sample and accept one token (grammar enforced); -1 without logits."""
-        return xy_sample(self.ptr, self.grammar, ctx, index, self.candidates, self.n_vocab)
+        return xy_sample(self.ptr, self.grammar, ctx, index, self.candidates, self.n_vocab,
+                         self.argmax_only)
 
     def reset(self):
         """Forget accepted tokens (penalty history, grammar state)."""

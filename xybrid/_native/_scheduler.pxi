@@ -337,7 +337,7 @@ cdef void sched_eval_media(SchedState * S, int32_t i) noexcept nogil:
         return
     g.n_past = new_n_past
     g.phase = PHASE_GENERATE
-    cdef llama_token tok = xy_sample(g.smpl, g.grammar, S.ctx, -1, g.candidates, g.n_vocab)
+    cdef llama_token tok = xy_sample(g.smpl, g.grammar, S.ctx, -1, g.candidates, g.n_vocab, g.argmax)
     if gen_after_sample(g, tok) != 0:
         sched_end(S, i, False)
     else:
@@ -471,7 +471,7 @@ cdef void sched_step(SchedState * S, int32_t * hold_prefill) noexcept nogil:
             continue
         k = g.batch_idx
         g.batch_idx = -1
-        tok = xy_sample(g.smpl, g.grammar, S.ctx, k, g.candidates, g.n_vocab)
+        tok = xy_sample(g.smpl, g.grammar, S.ctx, k, g.candidates, g.n_vocab, g.argmax)
         if gen_after_sample(g, tok) != 0:
             sched_end(S, i, False)
         else:
@@ -689,6 +689,31 @@ cdef class Scheduler:
             while not g.released:
                 pthread_cond_wait(&self.s.cond_released, &self.s.mu)
             pthread_mutex_unlock(&self.s.mu)
+
+    cdef int wait_released_interruptibly(self, Generation gen) except -1:
+        """wait_released, waking every 50 ms to let Python handle a signal:
+        Ctrl-C cancels the request (the scheduler lets go of it within a
+        step) and is raised here."""
+        cdef GenState * g = &gen.g
+        cdef bint released = False
+        while not released:
+            with nogil:
+                pthread_mutex_lock(&self.s.mu)
+                if not g.released:
+                    xy_cond_wait_ms(&self.s.cond_released, &self.s.mu, 50)
+                released = g.released != 0
+                pthread_mutex_unlock(&self.s.mu)
+            if not released:
+                try:
+                    PyErr_CheckSignals()
+                except BaseException:
+                    xy_atomic_store(&g.cancel, 1)
+                    self.kick()
+                    self.wait_released(g)
+                    gen.submitted = False
+                    gen.finish()
+                    raise
+        return 0
 
     def submit(self, tokens, Sampler sampler not None, *, int max_tokens=256, stop=None,
                bint render_special=False, bint streaming=True,
