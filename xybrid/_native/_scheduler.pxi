@@ -614,9 +614,21 @@ cdef class Scheduler:
         if pthread_mutex_init(&S.mu, NULL) != 0:
             self.free_state()
             raise MemoryError("pthread_mutex_init failed")
-        pthread_cond_init(&S.cond_work, NULL)
-        pthread_cond_init(&S.cond_released, NULL)
-        pthread_cond_init(&S.cond_room, NULL)
+        if pthread_cond_init(&S.cond_work, NULL) != 0:
+            pthread_mutex_destroy(&S.mu)
+            self.free_state()
+            raise MemoryError("pthread_cond_init failed")
+        if pthread_cond_init(&S.cond_released, NULL) != 0:
+            pthread_cond_destroy(&S.cond_work)
+            pthread_mutex_destroy(&S.mu)
+            self.free_state()
+            raise MemoryError("pthread_cond_init failed")
+        if pthread_cond_init(&S.cond_room, NULL) != 0:
+            pthread_cond_destroy(&S.cond_released)
+            pthread_cond_destroy(&S.cond_work)
+            pthread_mutex_destroy(&S.mu)
+            self.free_state()
+            raise MemoryError("pthread_cond_init failed")
         self.sync_ready = True
         self.context = context
         # The scheduler's requests decide what the cache holds from now on.
@@ -838,14 +850,4 @@ cdef class Scheduler:
             "busy_s": S.busy_ns / 1e9,
         }
         pthread_mutex_unlock(&S.mu)
-        return out
-
-    def slot_tokens(self, int slot):
-        """The token ids slot ``slot``'s cache holds (for tests and tools);
-        exact only while the scheduler is idle."""
-        if slot < 0 or slot >= self.s.n_slots:
-            raise InvalidInputError(f"slot {slot} is outside 0..{self.s.n_slots - 1}")
-        pthread_mutex_lock(&self.s.mu)
-        out = [self.s.slots[slot].cells[i] for i in range(self.s.slots[slot].n_cells)]
-        pthread_mutex_unlock(&self.s.mu)
         return out
