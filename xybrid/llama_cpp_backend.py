@@ -704,8 +704,7 @@ class LlamaCppBackend(LlmBackend):
         ready = asyncio.Event()
         fd = gen.wake_fd
         loop.add_reader(fd, ready.set)
-        pieces = PieceStream(prepared)
-        index = 0
+        pieces = _Pieces(prepared)
         ended = False
         try:
             while True:
@@ -716,24 +715,18 @@ class LlamaCppBackend(LlmBackend):
                 if not chunk:
                     await ready.wait()
                     continue
-                safe = pieces.push(chunk)
-                if safe:
-                    n = gen.tokens_at_last_chunk
-                    yield PartialToken(safe, index, pieces.cumulative,
-                                       gen.token_at(n - 1) if n else None)
-                    index += 1
-            tail = pieces.finish()
-            if tail:
-                yield PartialToken(tail, index, pieces.cumulative)
-                index += 1
+                piece = pieces.chunk(chunk, gen)
+                if piece is not None:
+                    yield piece
+            piece = pieces.tail()
+            if piece is not None:
+                yield piece
             ended = True
         finally:
             if not ended:
                 await _cancel_async(gen, ready)
             loop.remove_reader(fd)
-        output = self._finish_batched(prepared, config, gen.result)
-        yield PartialToken("", index, output.text, None, output.finish_reason,
-                           output.tool_calls, output)
+        yield pieces.final(self._finish_batched(prepared, config, gen.result))
 
 
 _Prepare = Callable[[ModelView, GenerationConfig], PreparedRequest]
@@ -754,33 +747,57 @@ def _nothing() -> None:
     pass
 
 
+class _Pieces:
+    """Numbered :class:`PartialToken` pieces of one generation: the engine's
+    chunks filtered for the user (PieceStream), then the final piece."""
+
+    def __init__(self, prepared: PreparedRequest) -> None:
+        self.stream = PieceStream(prepared)
+        self.index = 0
+
+    def _piece(self, text: str, token: int | None = None) -> PartialToken | None:
+        if not text:
+            return None
+        piece = PartialToken(text, self.index, self.stream.cumulative, token)
+        self.index += 1
+        return piece
+
+    def chunk(self, chunk: str, gen: Any = None) -> PartialToken | None:
+        """The piece for an engine chunk (None when the filter holds it all
+        back); with ``gen``, it names the chunk's last token."""
+        text = self.stream.push(chunk)
+        n = gen.tokens_at_last_chunk if gen is not None and text else 0
+        return self._piece(text, gen.token_at(n - 1) if n else None)
+
+    def tail(self) -> PartialToken | None:
+        """What the filter held back, once the generation has ended."""
+        return self._piece(self.stream.finish())
+
+    def final(self, output: GenerationOutput) -> PartialToken:
+        return PartialToken("", self.index, output.text, None, output.finish_reason,
+                            output.tool_calls, output)
+
+
 def _drive_iter(gen: Any, prepared: PreparedRequest, *, finish: Callable[[Any], GenerationOutput],
                 abandon: Callable[[], None]) -> Iterator[PartialToken]:
     """Pieces of a running generation, then the final piece with the
     output. Closing early cancels the generation and calls ``abandon``."""
-    pieces = PieceStream(prepared)
-    index = 0
+    pieces = _Pieces(prepared)
     finished = False
     try:
         for chunk in gen:
-            safe = pieces.push(chunk)
-            if safe:
-                n = gen.tokens_at_last_chunk
-                yield PartialToken(safe, index, pieces.cumulative,
-                                   gen.token_at(n - 1) if n else None)
-                index += 1
-        tail = pieces.finish()
-        if tail:
-            yield PartialToken(tail, index, pieces.cumulative)
-            index += 1
+            piece = pieces.chunk(chunk, gen)
+            if piece is not None:
+                yield piece
+        piece = pieces.tail()
+        if piece is not None:
+            yield piece
         finished = True
     finally:
         if not finished:
             gen.close()
             abandon()
-    output = finish(gen.result)
-    yield PartialToken("", index, output.text, None, output.finish_reason,
-                       output.tool_calls, output)
+    yield pieces.final(finish(gen.result))
 
 
 def _drive_callback(gen: Any, prepared: PreparedRequest, on_token: StreamingCallback, *,
@@ -789,16 +806,11 @@ def _drive_callback(gen: Any, prepared: PreparedRequest, on_token: StreamingCall
     """Feed a running generation's pieces to ``on_token``; ``False`` from it
     cancels. An exception from it (or from the generation) cancels, calls
     ``abandon`` and propagates. The final piece carries the output."""
-    pieces = PieceStream(prepared)
-    index = 0
+    pieces = _Pieces(prepared)
     try:
         for chunk in gen:
-            safe = pieces.push(chunk)
-            if not safe:
-                continue
-            piece = PartialToken(safe, index, pieces.cumulative)
-            index += 1
-            if on_token(piece) is False:
+            piece = pieces.chunk(chunk)
+            if piece is not None and on_token(piece) is False:
                 gen.close()
                 break
     except BaseException:
@@ -807,13 +819,11 @@ def _drive_callback(gen: Any, prepared: PreparedRequest, on_token: StreamingCall
         raise
     result = gen.result
     if result.stop_reason != "cancelled":
-        rest = pieces.finish()
-        if rest:
-            on_token(PartialToken(rest, index, pieces.cumulative))
-            index += 1
+        piece = pieces.tail()
+        if piece is not None:
+            on_token(piece)
     output = finish(result)
-    on_token(PartialToken("", index, output.text, None, output.finish_reason,
-                          output.tool_calls, output))
+    on_token(pieces.final(output))
     return output
 
 
