@@ -289,6 +289,9 @@ def test_overload_is_a_typed_error_at_once(f32_path: Path) -> None:
             s.close()
         t.join(30)
         assert waiting[0].tokens_generated == GREEDY.max_tokens  # type: ignore[attr-defined]
+        # It waited for a slot, and says how long.
+        assert waiting[0].queued_ms > 0  # type: ignore[attr-defined]
+        assert waiting[0].to_dict()["queued_ms"] == waiting[0].queued_ms  # type: ignore[attr-defined]
         # The refusal harmed nothing: the backend serves the next request.
         assert b.generate_raw(PROMPTS[3], GREEDY).tokens_generated == GREEDY.max_tokens
 
@@ -419,11 +422,14 @@ def test_cancel_stops_every_request_of_the_backend(f32_path: Path) -> None:
         assert not b.cancel()
 
 
-def test_recurrent_models_batch_from_empty_sequences(tiny_recurrent_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["recurrent", "hybrid"])
+def test_recurrent_and_hybrid_models_batch_from_empty_sequences(
+        kind: str, tiny_recurrent_path: Path, tiny_hybrid_path: Path) -> None:
+    path = tiny_recurrent_path if kind == "recurrent" else tiny_hybrid_path
     cfg = GenerationConfig(max_tokens=12, temperature=0)
-    with LlamaCppBackend(config(tiny_recurrent_path)) as one:
+    with LlamaCppBackend(config(path)) as one:
         want = [one.generate_raw(p, cfg).token_ids for p in PROMPTS[:4]]
-    with LlamaCppBackend(config(tiny_recurrent_path, parallel=4)) as many:
+    with LlamaCppBackend(config(path, parallel=4)) as many:
         outs = many.generate_batch(PROMPTS[:4], cfg, raw=True)
         again = many.generate_batch(PROMPTS[:4], cfg, raw=True)
     assert [o.token_ids for o in outs] == want
