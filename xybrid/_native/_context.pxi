@@ -13,22 +13,6 @@ cdef class Context:
     time; the Python backend serialises callers with a lock.
     """
 
-    cdef llama_context * ptr
-    # Owned: the CPU worker threads of this context (see xy_threadpool_new).
-    # Freed after the context that uses it.
-    cdef ggml_threadpool * threadpool
-    cdef readonly Model model
-    cdef llama_batch batch
-    cdef bint has_batch
-    cdef bint busy
-    cdef readonly int n_batch_alloc
-    cdef readonly bint embeddings
-    # The running generation, for cancel(), as a weak reference: a strong one
-    # would make Context <-> Generation a cycle, so an abandoned stream
-    # iterator would never be deallocated (and cancelled) while the context
-    # lives, leaving the worker running and the context busy for good.
-    cdef object current
-
     def __cinit__(self):
         self.ptr = NULL
         self.threadpool = NULL

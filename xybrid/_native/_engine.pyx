@@ -42,70 +42,12 @@ from xybrid.errors import (
 )
 
 
-cdef extern from "engine_support.h" nogil:
-    int64_t xy_now_ns()
-    ctypedef struct xy_thread_usage_t:
-        int64_t cpu_ns
-        int64_t waits
-        int64_t preemptions
-    int xy_thread_usage(xy_thread_usage_t * u)
-    int xy_atomic_load(const int * p)
-    void xy_atomic_store(int * p, int v)
-    int xy_pipe_nonblock(int * fds)
-    void xy_poke_fd(int fd)
-    void xy_drain_fd(int fd)
-    void xy_close_fd(int fd)
-    int64_t xy_find(const char * hay, size_t hay_len, const char * needle, size_t needle_len)
-    size_t xy_utf8_complete_len(const char * buf, size_t length)
-    void xy_log_callback(ggml_log_level level, const char * text, void * user_data)
-    void xy_log_set_print_level(int level)
-    size_t xy_log_take(char * out, size_t cap)
-    llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
-                          int32_t idx, llama_token_data * cur, int32_t n_vocab, int argmax)
-    ggml_threadpool * xy_threadpool_new(int n_threads)
-    void xy_threadpool_free(ggml_threadpool * pool)
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
-    int pthread_create(pthread_t * thread, const void * attr, void * (*start)(void *) noexcept nogil, void * arg)
-    int pthread_join(pthread_t thread, void ** retval)
-    int pthread_mutex_init(pthread_mutex_t * mutex, const void * attr)
-    int pthread_mutex_destroy(pthread_mutex_t * mutex)
-    int pthread_mutex_lock(pthread_mutex_t * mutex)
-    int pthread_mutex_unlock(pthread_mutex_t * mutex)
-    int pthread_cond_init(pthread_cond_t * cond, const void * attr)
-    int pthread_cond_destroy(pthread_cond_t * cond)
-    int pthread_cond_wait(pthread_cond_t * cond, pthread_mutex_t * mutex)
-    int pthread_cond_broadcast(pthread_cond_t * cond)
-    int pthread_cond_signal(pthread_cond_t * cond)
-
-
-cdef extern from "engine_support.h" nogil:
-    int xy_cond_wait_ms(pthread_cond_t * cond, pthread_mutex_t * mu, int ms)
-
-
 # Unread streamed bytes the loop may run ahead of its consumer before it
 # waits. Defined before the includes: default arguments of the def functions
 # in _context.pxi are evaluated when the module initialises, in file order.
 cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
 # How often, at most, a stream wakes its consumer (see _generation.pxi).
 cdef int DEFAULT_CHUNK_INTERVAL_US = 1000
-
-# Forward declarations: the classes refer to each other.
-cdef class Model
-cdef class Context
-cdef class Sampler
-cdef class Generation
-cdef class Multimodal
-cdef class Chunks
-cdef class Scheduler
-
 
 include "_backend.pxi"
 include "_model.pxi"

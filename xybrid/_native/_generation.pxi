@@ -40,71 +40,6 @@ cdef enum:
     PHASE_DONE = 3
 
 
-cdef struct GenState:
-    # inputs (read-only while the loop runs)
-    llama_context * ctx
-    const llama_vocab * vocab
-    llama_sampler * smpl
-    llama_sampler * grammar     # NULL without a grammar
-    llama_token_data * candidates
-    int32_t n_vocab
-    bint argmax                 # the chain is greedy only: a plain argmax of the row
-    llama_batch * batch
-    int32_t n_batch
-    int32_t n_ctx
-    llama_seq_id seq_id
-    const llama_token * prompt
-    int32_t n_prompt
-    int32_t max_tokens
-    const char ** stops
-    size_t * stop_lens
-    int32_t n_stops
-    bint streaming
-    bint render_special         # write control tokens' text (tool-call markers)
-    size_t buffer_limit
-    int64_t chunk_interval_ns   # 0: wake the consumer for every token
-    int64_t last_wake_ns        # when the consumer was last woken (0: never)
-    # scheduled sequences only (sched != NULL; see _scheduler.pxi)
-    void * sched                # the SchedState driving this sequence
-    int phase                   # PHASE_*; written by the scheduler thread
-    int released                # under sched.mu: the scheduler is done with this state
-    int wake_fd                 # write end of a pipe poked when the consumer should look; -1: none
-    int32_t prompt_off          # prompt tokens reused from the cache (not decoded)
-    int32_t prefilled           # prompt tokens decoded so far (from prompt_off)
-    int32_t batch_idx           # row of this sequence's logits in the current batch; -1: none
-    llama_token next_token      # sampled, not yet decoded
-    int64_t t_submit_ns         # when the request was queued
-    void * mm_ctx               # mtmd_context * for a media prompt, else NULL
-    void * mm_chunks            # mtmd_input_chunks * (owned by the Python Chunks object)
-    int32_t mm_n_pos            # positions the media prompt takes
-    # progress
-    llama_pos n_past            # next position to write in the sequence
-    llama_token * out_tokens    # [max_tokens] sampled tokens (EOG excluded)
-    int64_t * token_ns          # [max_tokens] time each token was sampled
-    int32_t n_out
-    int32_t n_out_decoded       # sampled tokens that went through llama_decode
-    char * text                 # every byte produced (stop string cut off)
-    size_t text_len
-    size_t text_cap
-    size_t emitted              # bytes final and visible to the consumer
-    size_t consumed             # bytes the consumer has taken
-    int reason
-    int error_kind
-    int32_t error_code
-    int64_t t_start_ns
-    int64_t t_prefill_end_ns
-    int64_t t_end_ns
-    bint usage_ok               # the platform reports per-thread usage
-    xy_thread_usage_t usage_start   # the loop thread's, at the start and the end
-    xy_thread_usage_t usage_end
-    # cross-thread
-    int cancel                  # atomic: set by any thread, read every step
-    int done                    # set under mu when the loop has finished
-    pthread_mutex_t mu
-    pthread_cond_t cond_data    # producer -> consumer: new bytes or done
-    pthread_cond_t cond_space   # consumer -> producer: bytes taken or cancel
-
-
 cdef bint gen_should_abort(void * data) noexcept nogil:
     # llama.cpp asks this between graph nodes: cancellation reaches into a
     # long prefill instead of waiting for it to finish.
@@ -357,31 +292,13 @@ cdef class GenerationResult:
     ``t_submit_ns`` is ``t_start_ns``, ``slot`` the seq_id and
     ``n_cached`` 0.
     """
-    cdef readonly list tokens
-    cdef readonly str text
-    cdef readonly str stop_reason
-    cdef readonly int n_prompt
-    cdef readonly int n_past
-    cdef readonly int n_decoded
-    cdef readonly object t_start_ns
-    cdef readonly object t_prefill_end_ns
-    cdef readonly object t_end_ns
-    cdef readonly list token_ns
-    cdef readonly list chunk_ns
-    cdef readonly dict perf
-    cdef readonly object loop_cpu_ns
-    cdef readonly object loop_waits
-    cdef readonly object loop_preemptions
-    cdef readonly object t_submit_ns
-    cdef readonly int n_cached
-    cdef readonly int slot
 
     def __repr__(self):
         return (f"<GenerationResult {self.stop_reason} tokens={len(self.tokens)} "
                 f"text={self.text[:40]!r}>")
 
 
-@cython.no_gc_clear  # a scheduler may read the state until it lets go: keep it
+@cython.no_gc_clear  # see _engine.pxd
 cdef class Generation:
     """One generation on a context, started by :meth:`Context.generate` or
     :meth:`Context.stream`.
@@ -391,29 +308,6 @@ cdef class Generation:
     early with :meth:`cancel` (from any thread) or :meth:`close`. The final
     :class:`GenerationResult` is :attr:`result` once the iteration ends.
     """
-
-    cdef GenState g
-    cdef Context context
-    cdef Sampler sampler
-    cdef list stop_bytes
-    cdef bint sync_ready
-    cdef bint thread_started
-    cdef bint finished
-    cdef pthread_t thread
-    cdef char * scratch
-    cdef size_t scratch_cap
-    cdef list chunk_ns
-    cdef readonly GenerationResult result
-    cdef readonly object error
-    cdef readonly int tokens_at_last_chunk
-    # Scheduled sequences: the scheduler that drives this state, the Python
-    # objects whose C handles it reads (media chunks, projector), and the
-    # read end of the wake pipe (-1: none).
-    cdef Scheduler scheduler
-    cdef bint submitted
-    cdef object keep_alive
-    cdef int read_fd
-    cdef object __weakref__  # Context.current refers to the running generation weakly
 
     def __cinit__(self):
         self.sync_ready = False

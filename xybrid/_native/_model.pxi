@@ -9,11 +9,6 @@ cdef class Model:
     :class:`~xybrid.errors.ModelLoadError` (quoting llama.cpp's reason).
     """
 
-    cdef llama_model * ptr
-    cdef const llama_vocab * vocab
-    cdef int n_contexts
-    cdef readonly str path
-    cdef readonly bint vocab_only
 
     def __cinit__(self):
         self.ptr = NULL

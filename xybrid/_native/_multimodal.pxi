@@ -11,9 +11,6 @@ cdef class Multimodal:
     be loaded or does not fit the text model (llama.cpp's reason is quoted).
     """
 
-    cdef mtmd_context * ptr
-    cdef readonly Model model
-    cdef readonly str path
 
     def __cinit__(self):
         self.ptr = NULL
@@ -180,7 +177,6 @@ cdef class Multimodal:
 cdef class Chunks:
     """A prompt tokenized with its media: text, image and audio chunks."""
 
-    cdef mtmd_input_chunks * ptr
 
     def __cinit__(self):
         self.ptr = NULL

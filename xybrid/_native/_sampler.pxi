@@ -18,13 +18,6 @@ cdef class Sampler:
     :class:`~xybrid.errors.GrammarError`.
     """
 
-    cdef llama_sampler * ptr
-    cdef llama_sampler * grammar        # owned separately from the chain
-    cdef llama_token_data * candidates  # n_vocab scratch entries for the grammar path
-    cdef int32_t n_vocab
-    cdef readonly bint argmax_only      # greedy with nothing before it: sampled by a plain argmax
-    cdef Model model
-    cdef readonly dict params
 
     def __cinit__(self):
         self.ptr = NULL

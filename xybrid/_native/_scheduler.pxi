@@ -38,49 +38,6 @@
 # freed memory, however the consumer goes away.
 
 
-cdef struct Slot:
-    GenState * g            # the running sequence, NULL when free
-    llama_token * cells     # tokens whose KV the sequence holds, by position
-    int32_t n_cells         # how many of them are known token ids
-    int32_t n_pos           # positions the sequence holds (> n_cells after media)
-    int64_t last_used       # step when it last finished, for LRU among equals
-
-
-cdef struct SchedState:
-    llama_context * ctx
-    llama_batch * batch
-    int32_t n_batch         # the token budget of one step and the batch capacity
-    int32_t n_ctx
-    int32_t n_slots
-    Slot * slots
-    bint recurrent          # no partial cuts or copies: every request starts empty
-    # the admission queue: a ring of waiting sequences, in arrival order
-    GenState ** pending
-    int32_t pending_cap
-    int32_t pending_head
-    int32_t n_pending
-    int32_t max_queued
-    int32_t n_running
-    int stopping
-    int clear_idle          # asked: drop the caches of the idle slots
-    pthread_mutex_t mu
-    pthread_cond_t cond_work        # to the scheduler: work, a kick, stop
-    pthread_cond_t cond_released    # to consumers: a sequence was let go
-    pthread_cond_t cond_room        # to blocked submitters: the queue has room
-    # statistics, updated under mu once per step
-    int64_t n_steps
-    int64_t n_step_seqs     # sum over steps of the sequences in the batch
-    int64_t n_step_tokens   # sum over steps of the tokens in the batch
-    int64_t n_admitted
-    int64_t n_finished
-    int64_t n_reused        # prompt tokens kept from a slot's own cache
-    int64_t n_copied        # prompt tokens shared from another slot
-    int64_t n_evicted       # idle caches dropped to make room
-    int64_t n_kv_full       # sequences ended because the KV cache was full
-    int64_t busy_ns         # time spent in steps
-    int32_t kv_pos_used     # positions held by all slots
-
-
 cdef void sched_kick(SchedState * S) noexcept nogil:
     """Tell the scheduler something changed (text taken, a cancel, a submit)."""
     pthread_mutex_lock(&S.mu)
@@ -550,7 +507,7 @@ cdef void * sched_main(void * arg) noexcept nogil:
     return NULL
 
 
-@cython.no_gc_clear  # the thread uses the context until close: never clear it first
+@cython.no_gc_clear  # see _engine.pxd
 cdef class Scheduler:
     """Continuous batching on a :class:`Context`: sequences submitted from
     any thread are decoded together, one ``llama_decode`` per step, on one
@@ -565,11 +522,6 @@ cdef class Scheduler:
     :class:`~xybrid.errors.OverloadedError` (or waits, with ``block=True``).
     """
 
-    cdef SchedState s
-    cdef readonly Context context
-    cdef pthread_t thread
-    cdef bint running
-    cdef bint sync_ready
 
     def __cinit__(self):
         self.running = False
