@@ -92,11 +92,13 @@ cdef class Sampler
 cdef class Generation
 cdef class Multimodal
 cdef class Chunks
+cdef struct GenState  # defined in _generation.pxi, used by _logprobs.pxi
 
 
 include "_backend.pxi"
 include "_model.pxi"
 include "_sampler.pxi"
 include "_context.pxi"
+include "_logprobs.pxi"
 include "_generation.pxi"
 include "_multimodal.pxi"

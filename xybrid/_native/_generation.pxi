@@ -80,6 +80,11 @@ cdef struct GenState:
     pthread_mutex_t mu
     pthread_cond_t cond_data    # producer -> consumer: new bytes or done
     pthread_cond_t cond_space   # consumer -> producer: bytes taken or cancel
+    # logprobs (see _logprobs.pxi); n_logprobs -1: not collected
+    int32_t n_logprobs
+    float * logprob             # [max_tokens]
+    int32_t * top_ids           # [max_tokens * n_logprobs]
+    float * top_lp              # [max_tokens * n_logprobs]
 
 
 cdef bint gen_should_abort(void * data) noexcept nogil:
@@ -254,6 +259,7 @@ cdef void gen_run(GenState * g) noexcept nogil:
             g.error_kind = ERR_SAMPLE
             gen_finish(g, REASON_ERROR)
             return
+        gen_collect_logprobs(g, -1, tok)
         if llama_vocab_is_eog(g.vocab, tok):
             gen_finish(g, REASON_EOG)
             return
@@ -317,6 +323,10 @@ cdef class GenerationResult:
     cdef readonly object loop_cpu_ns
     cdef readonly object loop_waits
     cdef readonly object loop_preemptions
+    # With logprobs=n: log p of each token, and its n most likely alternatives
+    # as (token id, log p) pairs; None otherwise.
+    cdef readonly object logprobs
+    cdef readonly object top_logprobs
 
     def __repr__(self):
         return (f"<GenerationResult {self.stop_reason} tokens={len(self.tokens)} "
@@ -361,7 +371,7 @@ cdef class Generation:
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
                    Sampler sampler, stop, bint streaming, size_t buffer_limit,
                    bint logits_ready=False, bint render_special=False,
-                   int chunk_interval_us=0) except -1:
+                   int chunk_interval_us=0, int n_logprobs=-1) except -1:
         cdef Py_ssize_t i, n = len(tokens)
         cdef int32_t n_ctx = llama_n_ctx(context.ptr)
         cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
@@ -421,6 +431,16 @@ cdef class Generation:
         if (g.prompt == NULL or g.out_tokens == NULL or g.token_ns == NULL
                 or g.stops == NULL or g.stop_lens == NULL):
             raise MemoryError("cannot allocate the generation buffers")
+        g.n_logprobs = -1
+        if n_logprobs >= 0:
+            if n_logprobs > n_vocab:
+                raise InvalidInputError(f"logprobs={n_logprobs} exceeds the vocabulary of {n_vocab} tokens")
+            g.n_logprobs = n_logprobs
+            g.logprob = <float *> malloc(max_tokens * sizeof(float))
+            g.top_ids = <int32_t *> malloc(max(<size_t> max_tokens * n_logprobs, 1) * sizeof(int32_t))
+            g.top_lp = <float *> malloc(max(<size_t> max_tokens * n_logprobs, 1) * sizeof(float))
+            if g.logprob == NULL or g.top_ids == NULL or g.top_lp == NULL:
+                raise MemoryError("cannot allocate the logprob buffers")
         for i in range(n):
             t = tokens[i]
             if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= n_vocab:
@@ -488,6 +508,12 @@ cdef class Generation:
         free(<void *> self.g.stops)
         free(self.g.stop_lens)
         free(self.scratch)
+        free(self.g.logprob)
+        free(self.g.top_ids)
+        free(self.g.top_lp)
+        self.g.logprob = NULL
+        self.g.top_ids = NULL
+        self.g.top_lp = NULL
         self.g.prompt = NULL
         self.g.out_tokens = NULL
         self.g.token_ns = NULL
@@ -649,6 +675,12 @@ cdef class Generation:
             r.loop_cpu_ns = g.usage_end.cpu_ns - g.usage_start.cpu_ns
             r.loop_waits = g.usage_end.waits - g.usage_start.waits
             r.loop_preemptions = g.usage_end.preemptions - g.usage_start.preemptions
+        cdef int32_t j, n
+        if g.n_logprobs >= 0 and g.logprob != NULL:
+            n = g.n_logprobs
+            r.logprobs = [g.logprob[i] for i in range(g.n_out)]
+            r.top_logprobs = [[(g.top_ids[i * n + j], g.top_lp[i * n + j]) for j in range(n)
+                               if g.top_ids[i * n + j] >= 0] for i in range(g.n_out)]
         if g.reason == REASON_ERROR:
             self.error = self.describe_error()
         return r
