@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedInputError",
     "IntegrityError",
     "OverloadedError",
+    "SessionStateError",
 ]
 
 
@@ -65,3 +66,8 @@ class GenerationError(XybridError, RuntimeError):
 
 class OverloadedError(XybridError, RuntimeError):
     """Every slot is busy and the admission queue is full: retry later."""
+
+
+class SessionStateError(InvalidInputError):
+    """A saved session state cannot be restored here: it was saved from another
+    model, or the data is damaged or too large for this context."""

@@ -36,9 +36,18 @@ from xybrid.errors import (
     UnsupportedInputError,
 )
 from xybrid.grammar import json_schema_to_gbnf, response_format_to_grammar, validate_grammar
+from xybrid.logprobs import attach_logprobs
 from xybrid.media import Audio, Image, audio_to_item, image_to_rgb
 from xybrid.model_files import resolve_model_path
 from xybrid.prefix_cache import PrefixCacheState, PrefixPlan
+from xybrid.session_state import (
+    SessionState,
+    capture_state,
+    model_fingerprint,
+    read_session_file,
+    restore_state,
+    write_session_file,
+)
 from xybrid.streaming import (
     CHAT_STOP_PATTERNS,
     CHAT_STOP_PATTERNS_BROKEN,
@@ -538,7 +547,8 @@ class LlamaCppBackend(LlmBackend):
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
                                         n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None,
                                         logits_ready=not tail,
-                                        render_special=bool(prepared.tool_names))
+                                        render_special=bool(prepared.tool_names),
+                                        logprobs=config.logprobs)
             pieces = _PieceStream(prepared)
             index = 0
             finished = False
@@ -594,7 +604,8 @@ class LlamaCppBackend(LlmBackend):
                                              n_past=n_past, seq_id=_SEQ,
                                              stop=prepared.stops or None, on_text=on_text,
                                              logits_ready=not tail,
-                                             render_special=bool(prepared.tool_names))
+                                             render_special=bool(prepared.tool_names),
+                                             logprobs=config.logprobs)
         except BaseException:
             self._forget(loaded)
             raise
@@ -687,8 +698,34 @@ class LlamaCppBackend(LlmBackend):
             tool_calls=tool_calls,
             thinking=thinking,
         )
+        output = attach_logprobs(output, result)
         record_on_current_span(output)
         return output
+
+    # --- session state (see xybrid.session_state) -------------------------------------
+    def save_state(self) -> SessionState:
+        """The conversation held in the KV cache, to restore with :meth:`load_state`."""
+        with self._lock:
+            loaded = self._require()
+            return capture_state(model_fingerprint(loaded.model, loaded.path), loaded.context,
+                                 self._cache, _SEQ)
+
+    def load_state(self, state: SessionState) -> None:
+        """Put a saved conversation back into the KV cache; the next call
+        continues exactly as it would have on the backend that saved it.
+        A state from another model raises :class:`SessionStateError`."""
+        with self._lock:
+            loaded = self._require()
+            restore_state(state, model_fingerprint(loaded.model, loaded.path), loaded.context,
+                          self._cache, _SEQ)
+
+    def save_session(self, path: str | Path) -> None:
+        """:meth:`save_state` into a file."""
+        write_session_file(path, self.save_state())
+
+    def load_session(self, path: str | Path) -> None:
+        """:meth:`load_state` from a file written by :meth:`save_session`."""
+        self.load_state(read_session_file(path))
 
 
 def _free(loaded: _Loaded) -> None:
