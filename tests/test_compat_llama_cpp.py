@@ -282,6 +282,10 @@ def test_facts_tokenizer_and_vocab_only(gemma_path, llm) -> None:  # type: ignor
     assert isinstance(llm.detokenize(ids), bytes)
     assert llm.tokenize(b"<start_of_turn>", add_bos=False, special=True) != \
         llm.tokenize(b"<start_of_turn>", add_bos=False, special=False)
+    assert llm.tokenizer().encode("Hello world") == llm.tokenize(b"Hello world", special=True)
+    assert llm.tokenizer().decode(ids) == "Hello world"
+    with pytest.raises(UnsupportedInputError, match="model hub"):
+        Llama.from_pretrained("some/repo", "model.gguf")
     voc = Llama(str(gemma_path), vocab_only=True, verbose=False)
     try:
         assert voc.tokenize(b"Hello world") == ids

@@ -57,6 +57,7 @@ from xybrid.types import MAX_SEED, GenerationConfig, GenerationOutput, LlmConfig
 __all__ = [
     "Llama",
     "LlamaState",
+    "LlamaTokenizer",
     "LlamaGrammar",
     "LogitsProcessor",
     "LogitsProcessorList",
@@ -137,6 +138,26 @@ class LlamaGrammar:
     @property
     def grammar(self) -> str:
         return self._grammar
+
+
+class LlamaTokenizer:
+    """The peer's tokenizer object over a :class:`Llama`."""
+
+    def __init__(self, llama: Llama) -> None:
+        self._llama = llama
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self._llama.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None,
+                   special: bool = False) -> bytes:
+        return self._llama.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.detokenize(tokens).decode("utf-8", errors="ignore")
 
 
 class LlamaState:
@@ -327,6 +348,19 @@ class Llama:
 
     def pooling_type(self) -> str:
         return _POOLING.get(self._pooling_type, "mean")
+
+    def tokenizer(self) -> LlamaTokenizer:
+        return LlamaTokenizer(self)
+
+    @property
+    def tokenizer_(self) -> LlamaTokenizer:
+        return LlamaTokenizer(self)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, **kwargs: Any) -> Llama:
+        raise UnsupportedInputError(
+            "Llama.from_pretrained downloads from a model hub, which xybrid does not do; "
+            "download the GGUF file and pass its path: Llama(model_path)")
 
     @property
     def _input_ids(self) -> npt.NDArray[np.intc]:
@@ -544,7 +578,7 @@ class Llama:
 
     def _sync_tokens(self, backend: LlamaCppBackend) -> None:
         """After a C-loop call: the token record is what the backend cached."""
-        cached = list(backend._cache.cached_tokens)
+        cached = _BackendParts(backend).cached_tokens()
         self.n_tokens = len(cached)
         self.input_ids[: len(cached)] = cached
 
@@ -642,11 +676,12 @@ class Llama:
         tokens = [int(t) for t in tokens]
         if not tokens:
             return
-        ctx = backend._loaded.context  # type: ignore[union-attr]
+        parts = _BackendParts(backend)
+        ctx = parts.context
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ContextOverflowError(
                 f"{self.n_tokens + len(tokens)} tokens do not fit the context window of {self._n_ctx}")
-        with backend._lock:
+        with parts.lock:
             if not ctx.seq_rm(0, self.n_tokens, -1):
                 ctx.memory_clear()
                 tokens = self._input_ids.tolist() + tokens
@@ -654,7 +689,7 @@ class Llama:
             try:
                 ctx.decode(tokens, pos0=self.n_tokens, seq_id=0, logits_last=True)
             except BaseException:
-                backend._forget(backend._loaded)  # type: ignore[arg-type]
+                parts.forget()
                 self.n_tokens = 0
                 raise
             self.input_ids[self.n_tokens: self.n_tokens + len(tokens)] = tokens
@@ -662,7 +697,7 @@ class Llama:
             ctx.logits_into(-1, self.scores[0])
             # The backend's prefix cache now describes these tokens, so a
             # following create_completion reuses them.
-            backend._cache.commit(self._input_ids.tolist(), 0)
+            parts.record([int(t) for t in self._input_ids])
 
     def sample(self, top_k: int = D.SAMPLE["top_k"], top_p: float = D.SAMPLE["top_p"],
                min_p: float = D.SAMPLE["min_p"], typical_p: float = D.SAMPLE["typical_p"],
@@ -679,7 +714,8 @@ class Llama:
         backend = self._engine_backend()
         if self.n_tokens <= 0:
             raise InvalidInputError("sample() needs a prior eval() of at least one token")
-        ctx = backend._loaded.context  # type: ignore[union-attr]
+        parts = _BackendParts(backend)
+        ctx = parts.context
         sampler = self._sampler
         if sampler is None:
             sampler = self._make_sampler(top_k, top_p, min_p, typical_p, temp, repeat_penalty,
@@ -689,7 +725,7 @@ class Llama:
             scores = np.ascontiguousarray(self.scores[0], dtype=np.single)
             scores = np.ascontiguousarray(logits_processor(self._input_ids, scores), dtype=np.single)
             ctx.set_logits(-1, scores)
-        with backend._lock:
+        with parts.lock:
             return int(sampler.sample(ctx, -1))
 
     def _make_sampler(self, top_k: int, top_p: float, min_p: float, typical_p: float, temp: float,
@@ -819,6 +855,19 @@ class Llama:
         output = backend.generate(messages, config)
         self._sync_tokens(backend)
         return _chat_completion(meta, output, self._chat_logprobs(output) if n_lp is not None else None)
+
+    def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`create_chat_completion` as ``openai`` package objects
+        (``ChatCompletion`` / ``ChatCompletionChunk``); needs ``openai``."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ImportError("create_chat_completion_openai_v1 needs the openai package") from exc
+        result = self.create_chat_completion(*args, **kwargs)
+        if kwargs.get("stream", False):
+            chunks = cast(Iterator[dict[str, Any]], result)
+            return (ChatCompletionChunk(**chunk) for chunk in chunks)
+        return ChatCompletion(**result)  # type: ignore[arg-type]
 
     def _chat_stream(self, backend: LlamaCppBackend, messages: list[dict[str, Any]],
                      config: GenerationConfig, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -976,6 +1025,28 @@ class Llama:
                 break
             n += 1
         return n
+
+
+class _BackendParts:
+    """What the token-level layer needs from inside a LlamaCppBackend: its
+    context, its lock and its prefix-cache record (kept in step with what
+    eval() decodes, so a following fast-path call reuses those tokens). The
+    one place that knows the backend's internals."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self.backend = backend
+        loaded = backend._require()
+        self.context: Any = loaded.context
+        self.lock: Any = backend._lock
+
+    def cached_tokens(self) -> list[int]:
+        return list(self.backend._cache.cached_tokens)
+
+    def record(self, tokens: list[int]) -> None:
+        self.backend._cache.commit(tokens, 0)
+
+    def forget(self) -> None:
+        self.backend._forget(self.backend._require())
 
 
 def _truncation(temp: float, top_k: int, top_p: float, min_p: float) -> tuple[float, int, float, float]:
