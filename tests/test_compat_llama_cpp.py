@@ -23,7 +23,7 @@ from xybrid.compat.llama_cpp import (
     LogitsProcessorList,
     StoppingCriteriaList,
 )
-from xybrid.errors import ContextOverflowError, InvalidInputError, UnsupportedInputError
+from xybrid.errors import ContextOverflowError, GrammarError, InvalidInputError, UnsupportedInputError
 from xybrid.llama_cpp_backend import LlamaCppBackend
 
 PROMPT = "The three primary colours are"
@@ -174,6 +174,10 @@ def test_unsupported_and_legacy_keywords(gemma_path, llm) -> None:  # type: igno
         assert legacy(PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
     finally:
         legacy.close()
+    with pytest.raises(GrammarError):
+        llm(PROMPT, grammar=LlamaGrammar.from_string("root ::= ( "))
+    with pytest.raises(InvalidInputError):
+        llm([0, llm.n_vocab() + 5])
     # The failed calls left the model usable.
     assert llm(PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 
