@@ -71,3 +71,22 @@ def test_chat_llamacpp_invoke_and_stream(gemma_path, backend) -> None:  # type: 
     assert "".join(str(c.content) for c in chunks) == reply.content
     assert any((c.response_metadata or {}).get("finish_reason") for c in chunks)
     chat.client.close()
+
+
+def test_chat_llamacpp_bind_tools(gemma_path) -> None:  # type: ignore[no-untyped-def]
+    from langchain_community.chat_models import ChatLlamaCpp
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        return "sunny"
+
+    chat = ChatLlamaCpp(model_path=str(gemma_path), n_ctx=512, n_threads=1, max_tokens=60,
+                        temperature=0.0, verbose=False)
+    bound = chat.bind_tools([get_weather],
+                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    msg = bound.invoke("What is the weather in Paris?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    chat.client.close()
