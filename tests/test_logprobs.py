@@ -105,3 +105,16 @@ def test_backend_output_carries_logprobs(gemma_path) -> None:  # type: ignore[no
         final = pieces[-1].output
         assert final is not None and final.logprobs == pytest.approx(out.logprobs, abs=1e-5)
         assert llm.generate_raw(PROMPT, GenerationConfig.greedy(max_tokens=2)).logprobs is None
+
+
+def test_top_alternatives_rank_the_whole_vocabulary(tiny_llama_path) -> None:  # type: ignore[no-untyped-def]
+    """n = n_vocab: the alternatives are the full distribution, in order
+    (larger log p first, ties by lower id)."""
+    model = _engine.Model(str(tiny_llama_path))
+    ctx = _engine.Context(model, n_ctx=256, n_threads=1)
+    prompt = model.tokenize("hello world", add_special=True)
+    r = ctx.generate(prompt, _engine.Sampler(model, temperature=0.8, seed=3), max_tokens=2,
+                     logprobs=model.n_vocab)
+    _, tops = _replay(model, prompt, r.tokens[:1], model.n_vocab)
+    assert [t for t, _ in r.top_logprobs[0]] == [t for t, _ in tops[0]]
+    assert [v for _, v in r.top_logprobs[0]] == pytest.approx([v for _, v in tops[0]], abs=1e-4)
