@@ -297,6 +297,7 @@ class Llama:
             self._model = _engine.Model(self.model_path, vocab_only=True,
                                         use_mmap=bool(opts["use_mmap"]))
             self._n_ctx = n_ctx or int(self._model.n_ctx_train)
+            self.n_batch = min(self._n_ctx, int(opts["n_batch"]))
         else:
             if n_ctx == 0:  # 0: the model's training context, as in the peer
                 with _engine.Model(self.model_path, vocab_only=True) as probe:
@@ -310,7 +311,6 @@ class Llama:
                 use_mmap=bool(opts["use_mmap"])))
             self._model = self._backend.model
             self._n_ctx = int(self._backend.context_length() or n_ctx)
-        self.n_batch = min(self._n_ctx, int(opts["n_batch"]))
         self._n_vocab = int(self._model.n_vocab)
         self.metadata: dict[str, str] = dict(self._model.metadata())
         # The token-level layer's view of the sequence (peer: input_ids/scores).
