@@ -19,6 +19,7 @@ LABELS = {
     "engine-stream": "xybrid stream",
     "backend": "xybrid LlamaCppBackend",
     "backend-stream": "xybrid LlamaCppBackend stream",
+    "compat-stream": "xybrid llama-cpp-python facade stream",
     "completion": "llama-cpp-python",
     "completion-stream": "llama-cpp-python stream",
 }

@@ -587,3 +587,20 @@ def test_gemma_q4_batched_greedy_matches_alone_or_diverges_at_a_near_tie(
             assert gap < 0.5, f"{p!r}: diverged at token {k} with a logit gap of {gap:.3f}"
         ctx.close()
     assert same >= len(prompts) // 2
+
+
+def test_batched_requests_report_logprobs_like_solo_runs(
+        solo: LlamaCppBackend, batched: LlamaCppBackend) -> None:
+    cfg = GenerationConfig(max_tokens=8, temperature=0, logprobs=3)
+    solo.reset_cache()
+    want = solo.generate_raw(PROMPTS[0], cfg)
+    outs = batched.generate_batch([PROMPTS[0], PROMPTS[1]], cfg, raw=True)
+    got = outs[0]
+    assert got.token_ids == want.token_ids
+    assert want.logprobs is not None and got.logprobs is not None
+    assert len(got.logprobs) == len(got.token_ids)
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert [[t for t, _ in alts] for alts in got.top_logprobs] == \
+        [[t for t, _ in alts] for alts in want.top_logprobs]
+    with pytest.raises(Exception, match="parallel=1"):
+        batched.save_state()

@@ -21,6 +21,7 @@ __all__ = [
     "IntegrityError",
     "OverloadedError",
     "ToolCallError",
+    "SessionStateError",
 ]
 
 
@@ -74,3 +75,8 @@ class ToolCallError(GenerationError):
     def __init__(self, message: str, raw: str) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class SessionStateError(InvalidInputError):
+    """A saved session state cannot be restored here: it was saved from another
+    model, or the data is damaged or too large for this context."""

@@ -40,6 +40,7 @@ from xybrid.errors import (
     InvalidInputError,
     ModelNotLoadedError,
     ToolCallError,
+    UnsupportedInputError,
     XybridError,
 )
 from xybrid.model_files import resolve_model_path
@@ -56,6 +57,14 @@ from xybrid.pipeline import (
     prepare_raw,
 )
 from xybrid.prefix_cache import PrefixCacheState
+from xybrid.session_state import (
+    SessionState,
+    capture_state,
+    model_fingerprint,
+    read_session_file,
+    restore_state,
+    write_session_file,
+)
 from xybrid.types import GenerationConfig, GenerationOutput, LlmConfig, PartialToken
 
 __all__ = [
@@ -539,7 +548,7 @@ class LlamaCppBackend(LlmBackend):
             tail, n_past, start_ns = self._apply_plan(loaded, prepared, config)
             run = dict(max_tokens=config.max_tokens, n_past=n_past, seq_id=_SEQ,
                        stop=prepared.stops or None, logits_ready=not tail,
-                       render_special=bool(prepared.tool_names))
+                       render_special=bool(prepared.tool_names), logprobs=config.logprobs)
             if on_token is None:
                 try:
                     result = loaded.context.generate(tail, sampler, **run)
@@ -572,7 +581,8 @@ class LlamaCppBackend(LlmBackend):
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
                                         n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None,
                                         logits_ready=not tail,
-                                        render_special=bool(prepared.tool_names))
+                                        render_special=bool(prepared.tool_names),
+                                        logprobs=config.logprobs)
             yield from _drive_iter(
                 gen, prepared,
                 finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
@@ -669,7 +679,8 @@ class LlamaCppBackend(LlmBackend):
             gen = loaded.scheduler.submit(
                 prepared.tokens, sampler, max_tokens=config.max_tokens,
                 stop=prepared.stops or None, render_special=bool(prepared.tool_names),
-                streaming=streaming, wake_pipe=wake_pipe, block=block, **media)
+                streaming=streaming, wake_pipe=wake_pipe, block=block,
+                logprobs=config.logprobs, **media)
         self._in_flight.add(gen)
         return prepared, gen
 
@@ -727,6 +738,40 @@ class LlamaCppBackend(LlmBackend):
                 await _cancel_async(gen, ready)
             loop.remove_reader(fd)
         yield pieces.final(self._finish_batched(prepared, config, gen.result))
+
+
+    # --- session state (see xybrid.session_state) -------------------------------------
+    def save_state(self) -> SessionState:
+        """The conversation held in the KV cache, to restore with :meth:`load_state`."""
+        with self._lock:
+            loaded = self._single_sequence("save_state")
+            return capture_state(model_fingerprint(loaded.model, loaded.path), loaded.context,
+                                 self._cache, _SEQ)
+
+    def load_state(self, state: SessionState) -> None:
+        """Put a saved conversation back into the KV cache; the next call
+        continues exactly as it would have on the backend that saved it.
+        A state from another model raises :class:`SessionStateError`."""
+        with self._lock:
+            loaded = self._single_sequence("load_state")
+            restore_state(state, model_fingerprint(loaded.model, loaded.path), loaded.context,
+                          self._cache, _SEQ)
+
+    def save_session(self, path: str | Path) -> None:
+        """:meth:`save_state` into a file."""
+        write_session_file(path, self.save_state())
+
+    def load_session(self, path: str | Path) -> None:
+        """:meth:`load_state` from a file written by :meth:`save_session`."""
+        self.load_state(read_session_file(path))
+
+    def _single_sequence(self, what: str) -> _Loaded:
+        loaded = self._require()
+        if loaded.scheduler is not None:
+            raise UnsupportedInputError(
+                f"{what}() saves and restores the one sequence of a parallel=1 backend; this "
+                f"backend runs {loaded.config.parallel} slots (load it with parallel=1)")
+        return loaded
 
 
 _Prepare = Callable[[ModelView, GenerationConfig], PreparedRequest]

@@ -22,6 +22,7 @@ from xybrid._native import _engine
 from xybrid.chat_templates import ChatTemplate
 from xybrid.errors import ContextOverflowError, InvalidInputError, ToolCallError, UnsupportedInputError
 from xybrid.grammar import json_schema_to_gbnf, response_format_to_grammar, validate_grammar
+from xybrid.logprobs import attach_logprobs
 from xybrid.media import Audio, Image, audio_to_item, image_to_rgb
 from xybrid.streaming import (
     CHAT_STOP_PATTERNS,
@@ -380,5 +381,6 @@ def build_output(prepared: PreparedRequest, config: GenerationConfig, result: An
         thinking=thinking,
         queued_ms=queued_ms,
     )
+    output = attach_logprobs(output, result)
     record_on_current_span(output)
     return output

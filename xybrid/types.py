@@ -380,6 +380,9 @@ class GenerationConfig:
       makes come back in ``GenerationOutput.tool_calls``.
     - ``tool_choice="auto"``: ``"none"`` hides the tools, ``"required"``
       constrains the reply to tool calls with a grammar.
+    - ``logprobs=None``: an int ``n >= 0`` makes the engine report the
+      log-probability of every generated token and its ``n`` most likely
+      alternatives (``GenerationOutput.logprobs`` / ``top_logprobs``).
     """
 
     max_tokens: int
@@ -398,6 +401,7 @@ class GenerationConfig:
     response_format: Mapping[str, Any] | None
     tools: tuple[Mapping[str, Any], ...]
     tool_choice: str
+    logprobs: int | None
 
     def __init__(
         self,
@@ -418,6 +422,7 @@ class GenerationConfig:
         response_format: Mapping[str, Any] | None = None,
         tools: Iterable[Mapping[str, Any]] = (),
         tool_choice: str = "auto",
+        logprobs: int | None = None,
     ) -> None:
         owner = "GenerationConfig"
         if json_schema is not None and not isinstance(json_schema, Mapping):
@@ -489,6 +494,8 @@ class GenerationConfig:
             "response_format": response_format,
             "tools": tools_value,
             "tool_choice": tool_choice,
+            "logprobs": None if logprobs is None else _check_int(
+                owner, "logprobs", logprobs, 0, "None or an integer >= 0 (alternatives per token)"),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -584,6 +591,11 @@ class GenerationOutput:
     tool_calls: tuple[dict[str, Any], ...] = ()
     thinking: str = ""
     queued_ms: float = 0.0
+    #: With ``GenerationConfig.logprobs``: log p of each token of ``token_ids``
+    #: under the model's raw logits, and per token its most likely
+    #: alternatives as ``(token id, log p)`` pairs, most likely first.
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Telemetry mapping under the canonical key names.

@@ -11,6 +11,9 @@ Variants (``spec["variants"]``, the first one is the primary):
   included. It loads its own model and context.
 - ``backend-stream``: ``LlamaCppBackend.stream_raw(token_ids, config)``,
   iterating the ``PartialToken`` pieces.
+- ``compat-stream``: llama-cpp-python code run on xybrid: the facade
+  ``xybrid.compat.llama_cpp.Llama.create_completion(token_ids, stream=True)``
+  with the peer worker's keywords, iterating its chunk dicts.
 
 To add a variant, write a class with the methods of :class:`Engine`
 (``generate``, ``turn1``, ``turn2``) and register it in :data:`VARIANTS`; the
@@ -220,11 +223,68 @@ class BackendStream(Backend):
         return (first or now_ns()) - t0
 
 
+class CompatStream:
+    """The llama-cpp-python facade, called as the peer worker calls the
+    peer: ``create_completion(tokens, max_tokens=N, stream=True, ...)``."""
+
+    streaming = True
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from xybrid.compat.llama_cpp import Llama
+
+        self.llm = Llama(spec["model"], n_ctx=spec["n_ctx"], n_batch=spec["n_batch"],
+                         n_ubatch=spec["n_batch"], n_threads=spec["threads"],
+                         n_threads_batch=spec["threads"], flash_attn=spec["flash_attn"],
+                         n_gpu_layers=0, use_mmap=True, verbose=False)
+        s = spec["sampler"]
+        self.kwargs = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                           min_p=s["min_p"], typical_p=1.0, repeat_penalty=1.0,
+                           frequency_penalty=0.0, presence_penalty=0.0, seed=s["seed"])
+        if spec.get("grammar"):
+            from xybrid.compat.llama_cpp import LlamaGrammar
+
+            self.kwargs["grammar"] = LlamaGrammar.from_string(spec["grammar"])
+
+    def _new_tokens(self, n_prompt: int) -> list[int]:
+        return [int(t) for t in self.llm.input_ids[n_prompt:self.llm.n_tokens]]
+
+    def generate(self, tokens: list[int], n_predict: int) -> Run:
+        self.llm.reset()
+        chunk_ns: list[int] = []
+        finish = ""
+        t0 = now_ns()
+        for chunk in self.llm.create_completion(tokens, max_tokens=n_predict, stream=True, **self.kwargs):
+            chunk_ns.append(now_ns())
+            finish = chunk["choices"][0]["finish_reason"] or finish
+        t1 = now_ns()
+        new = self._new_tokens(len(tokens))
+        # Chunks with text; the last one carries only the finish reason.
+        first = chunk_ns[0] if len(chunk_ns) > 1 else t1
+        return Run(t0, first, t1, len(new) + (finish == "length"), new, len(chunk_ns) - 1, finish)
+
+    def turn1(self, prefix: list[int]) -> None:
+        self.llm.reset()
+        for _chunk in self.llm.create_completion(prefix, max_tokens=1, stream=True, **self.kwargs):
+            pass
+
+    def turn2(self, tokens: list[int], prefix_len: int, reuse: bool) -> int:
+        if reuse:
+            self.turn1(tokens[:prefix_len])
+        else:
+            self.llm.reset()
+        t0 = now_ns()
+        first = 0
+        for _chunk in self.llm.create_completion(tokens, max_tokens=1, stream=True, **self.kwargs):
+            first = first or now_ns()
+        return (first or now_ns()) - t0
+
+
 VARIANTS: dict[str, type] = {
     "engine": Engine,
     "engine-stream": EngineStream,
     "backend": Backend,
     "backend-stream": BackendStream,
+    "compat-stream": CompatStream,
 }
 
 

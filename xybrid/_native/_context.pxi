@@ -217,7 +217,7 @@ cdef class Context:
     def generate(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                  int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
                  bint logits_ready=False, bint render_special=False,
-                 int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US):
+                 int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US, logprobs=None):
         """Decode ``tokens`` after ``n_past`` cached positions of ``seq_id``
         and generate up to ``max_tokens`` tokens. Returns a
         :class:`GenerationResult`.
@@ -239,12 +239,17 @@ cdef class Context:
         the end come at once. Slower models get one chunk per token either
         way; on a fast one a chunk holds the few tokens made in the interval.
         0 hands over every token as soon as it is made.
+
+        ``logprobs=n`` (an int >= 0) collects, in the loop, the log-probability
+        of every sampled token under the model's raw logits and its ``n`` most
+        likely alternatives (``result.logprobs``, ``result.top_logprobs``).
         """
         self.check_idle()
         check_non_negative("chunk_interval_us", chunk_interval_us)
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop,
-                  on_text is not None, buffer_limit, logits_ready, render_special, chunk_interval_us)
+                  on_text is not None, buffer_limit, logits_ready, render_special, chunk_interval_us,
+                  False, _logprobs_arg(logprobs))
         if on_text is None:
             gen.run_inline()
         else:
@@ -263,7 +268,7 @@ cdef class Context:
     def stream(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
                int seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
                bint logits_ready=False, bint render_special=False,
-               int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US):
+               int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US, logprobs=None):
         """Start a generation on a native thread and return the
         :class:`Generation` iterator of its text chunks (arguments as for
         :meth:`generate`)."""
@@ -271,7 +276,7 @@ cdef class Context:
         check_non_negative("chunk_interval_us", chunk_interval_us)
         cdef Generation gen = Generation.__new__(Generation)
         gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop, True, buffer_limit,
-                  logits_ready, render_special, chunk_interval_us)
+                  logits_ready, render_special, chunk_interval_us, False, _logprobs_arg(logprobs))
         gen.start_thread()
         return gen
 
@@ -419,6 +424,129 @@ cdef class Context:
         cdef int32_t i, n = llama_vocab_n_tokens(self.model.vocab)
         return [row[i] for i in range(n)]
 
+    # --- logits buffer (step-by-step loops with Python logits processors) -------------
+    def logits_into(self, int index, float[::1] out not None):
+        """Copy the logits of output ``index`` of the last decode into ``out``
+        (a float32 buffer of n_vocab entries, e.g. a numpy array)."""
+        self.check_idle()
+        cdef float * row = self._logits_row(index, out.shape[0])
+        memcpy(&out[0], row, out.shape[0] * sizeof(float))
+
+    def set_logits(self, int index, const float[::1] values not None):
+        """Overwrite the logits of output ``index`` of the last decode, so the
+        next :meth:`Sampler.sample` draws from ``values`` (n_vocab float32)."""
+        self.check_idle()
+        cdef float * row = self._logits_row(index, values.shape[0])
+        memcpy(row, &values[0], values.shape[0] * sizeof(float))
+
+    cdef float * _logits_row(self, int index, Py_ssize_t length) except NULL:
+        cdef int32_t n = llama_vocab_n_tokens(self.model.vocab)
+        if length != n:
+            raise InvalidInputError(f"the logits buffer must hold n_vocab = {n} floats, got {length}")
+        cdef float * row = llama_get_logits_ith(self.ptr, index)
+        if row == NULL:
+            take_log_tail()
+            raise XybridError(f"no logits for output {index} (was it requested in the last decode?)")
+        return row
+
+    # --- sequence state (sessions) ------------------------------------------------------
+    def seq_state_size(self, int seq_id=0):
+        """Bytes :meth:`seq_state_get` needs for the cache of ``seq_id``."""
+        self.check_idle()
+        self.check_seq(seq_id)
+        return int(llama_state_seq_get_size(self.ptr, seq_id))
+
+    def seq_state_get(self, int seq_id=0):
+        """The KV cache / recurrent state of one sequence, as bytes (llama.cpp's
+        sequence-state format; logits are not included)."""
+        self.check_idle()
+        self.check_seq(seq_id)
+        cdef size_t size, n
+        with nogil:
+            size = llama_state_seq_get_size(self.ptr, seq_id)
+        out = bytearray(size)
+        cdef unsigned char[::1] view = out
+        if size == 0:
+            return bytes()
+        with nogil:
+            n = llama_state_seq_get_data(self.ptr, <uint8_t *> &view[0], size, seq_id)
+        if n == 0 or n > size:
+            raise XybridError("llama.cpp could not copy the sequence state")
+        return bytes(out[:n])
+
+    def seq_state_set(self, const unsigned char[::1] data not None, int seq_id=0):
+        """Replace the cache of ``seq_id`` with a state from :meth:`seq_state_get`
+        (the context must have been made for the same model and a window at
+        least as large). Returns the bytes read. On failure the sequence is
+        cleared and InvalidInputError raised."""
+        self.check_idle()
+        self.check_seq(seq_id)
+        if data.shape[0] == 0:
+            raise InvalidInputError("the sequence state is empty")
+        cdef size_t n
+        take_log_tail()
+        with nogil:
+            n = llama_state_seq_set_data(self.ptr, <const uint8_t *> &data[0], data.shape[0], seq_id)
+        if n == 0:
+            reason = take_log_tail()
+            llama_memory_seq_rm(llama_get_memory(self.ptr), seq_id, -1, -1)
+            raise InvalidInputError("llama.cpp refused the sequence state (another model or a "
+                                    "smaller context?)" + (f": {reason}" if reason else ""))
+        return int(n)
+
+    def seq_state_save_file(self, path, tokens=(), int seq_id=0):
+        """Write the state of ``seq_id`` and ``tokens`` (what it holds) to a
+        file in llama.cpp's own session format. Returns the bytes written."""
+        self.check_idle()
+        self.check_seq(seq_id)
+        cdef bytes bpath = os.fsencode(path)
+        cdef Py_ssize_t i, n = len(tokens)
+        cdef llama_token * buf = <llama_token *> malloc(max(n, 1) * sizeof(llama_token))
+        if buf == NULL:
+            raise MemoryError()
+        cdef size_t written
+        cdef const char * cpath = bpath
+        try:
+            for i in range(n):
+                self.model.check_token(tokens[i])
+                buf[i] = tokens[i]
+            take_log_tail()
+            with nogil:
+                written = llama_state_seq_save_file(self.ptr, cpath, seq_id, buf, n)
+        finally:
+            free(buf)
+        if written == 0:
+            reason = take_log_tail()
+            raise XybridError(f"could not write the session file {path!r}" + (f": {reason}" if reason else ""))
+        return int(written)
+
+    def seq_state_load_file(self, path, int seq_id=0, int max_tokens=-1):
+        """Load a file from :meth:`seq_state_save_file` into ``seq_id``;
+        returns the token list stored with it."""
+        self.check_idle()
+        self.check_seq(seq_id)
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"no session file at {path!r}")
+        cdef bytes bpath = os.fsencode(path)
+        cdef const char * cpath = bpath
+        cdef size_t cap = max_tokens if max_tokens >= 0 else llama_n_ctx(self.ptr)
+        cdef size_t count = 0, n
+        cdef llama_token * buf = <llama_token *> malloc(max(cap, 1) * sizeof(llama_token))
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            take_log_tail()
+            with nogil:
+                n = llama_state_seq_load_file(self.ptr, cpath, seq_id, buf, cap, &count)
+            if n == 0:
+                reason = take_log_tail()
+                llama_memory_seq_rm(llama_get_memory(self.ptr), seq_id, -1, -1)
+                raise InvalidInputError(f"llama.cpp could not load the session file {path!r}"
+                                        + (f": {reason}" if reason else ""))
+            return [buf[i] for i in range(count)]
+        finally:
+            free(buf)
+
 
 cdef int32_t decode_tokens(llama_context * ctx, llama_batch * batch, int32_t n_batch,
                            const llama_token * tokens, int32_t n_tokens, llama_pos pos0,
@@ -444,6 +572,15 @@ cdef int32_t decode_tokens(llama_context * ctx, llama_batch * batch, int32_t n_b
             return rc
         off += n
     return 0
+
+
+cdef int _logprobs_arg(object logprobs) except -2:
+    """-1 (off) for None, else the number of alternatives (an int >= 0)."""
+    if logprobs is None:
+        return -1
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
+        raise InvalidInputError(f"logprobs must be None or an int >= 0, got {logprobs!r}")
+    return logprobs
 
 
 cdef str _decode_hint(int32_t rc):

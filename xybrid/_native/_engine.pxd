@@ -136,6 +136,11 @@ cdef struct GenState:
     pthread_mutex_t mu
     pthread_cond_t cond_data    # producer -> consumer: new bytes or done
     pthread_cond_t cond_space   # consumer -> producer: bytes taken or cancel
+    # logprobs (see _logprobs.pxi); n_logprobs -1: not collected
+    int32_t n_logprobs
+    float * logprob             # [max_tokens]
+    int32_t * top_ids           # [max_tokens * n_logprobs]
+    float * top_lp              # [max_tokens * n_logprobs]
 
 
 # --- per batched context (see _scheduler.pxi) ---------------------------------------
@@ -220,6 +225,7 @@ cdef class Context:
     cdef int check_open(self) except -1
     cdef int check_idle(self) except -1
     cdef int check_seq(self, int seq_id, bint allow_all=*) except -1
+    cdef float * _logits_row(self, int index, Py_ssize_t length) except NULL
 
 
 cdef class Sampler:
@@ -253,6 +259,10 @@ cdef class GenerationResult:
     cdef readonly object t_submit_ns
     cdef readonly int n_cached
     cdef readonly int slot
+    # With logprobs=n: log p of each token, and its n most likely alternatives
+    # as (token id, log p) pairs; None otherwise.
+    cdef readonly object logprobs
+    cdef readonly object top_logprobs
 
 
 # Never cleared by the cyclic GC before deallocation (@cython.no_gc_clear on
@@ -284,7 +294,7 @@ cdef class Generation:
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
                    Sampler sampler, stop, bint streaming, size_t buffer_limit,
                    bint logits_ready=*, bint render_special=*, int chunk_interval_us=*,
-                   bint scheduled=*) except -1
+                   bint scheduled=*, int n_logprobs=*) except -1
     cdef int start_thread(self) except -1
     cdef void release(self) noexcept
     cdef object take_chunk(self)

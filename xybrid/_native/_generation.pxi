@@ -194,9 +194,10 @@ cdef void gen_finish(GenState * g, int reason) noexcept nogil:
         pthread_mutex_unlock(&g.mu)
 
 
-cdef int gen_after_sample(GenState * g, llama_token tok) noexcept nogil:
+cdef int gen_after_sample(GenState * g, int32_t idx, llama_token tok) noexcept nogil:
     """One sampled token through end check -> accept -> piece -> stop check
-    -> emit -> length check. Returns 0 to go on (``tok`` is to be decoded
+    -> emit -> length check (and the token's logprobs, from row ``idx`` of
+    the last decode, when asked for). Returns 0 to go on (``tok`` is to be decoded
     next), else the sequence has been finished with that reason. Shared by
     the single-sequence loop and the scheduler."""
     cdef int acc
@@ -205,6 +206,7 @@ cdef int gen_after_sample(GenState * g, llama_token tok) noexcept nogil:
         g.error_kind = ERR_SAMPLE
         gen_finish(g, REASON_ERROR)
         return REASON_ERROR
+    gen_collect_logprobs(g, idx, tok)  # logits row ``idx``, when asked for
     if llama_vocab_is_eog(g.vocab, tok):
         gen_finish(g, REASON_EOG)
         return REASON_EOG
@@ -250,7 +252,7 @@ cdef void gen_run(GenState * g) noexcept nogil:
             gen_finish(g, REASON_CANCELLED)
             return
         tok = xy_sample(g.smpl, g.grammar, g.ctx, -1, g.candidates, g.n_vocab, g.argmax)
-        if gen_after_sample(g, tok) != 0:
+        if gen_after_sample(g, -1, tok) != 0:
             return
         rc = decode_tokens(g.ctx, g.batch, g.n_batch, &tok, 1, g.n_past, g.seq_id, True, &g.cancel)
         if rc != 0:
@@ -325,7 +327,8 @@ cdef class Generation:
     cdef int setup(self, Context context, list tokens, int n_past, int seq_id, int max_tokens,
                    Sampler sampler, stop, bint streaming, size_t buffer_limit,
                    bint logits_ready=False, bint render_special=False,
-                   int chunk_interval_us=0, bint scheduled=False) except -1:
+                   int chunk_interval_us=0, bint scheduled=False,
+                   int n_logprobs=-1) except -1:
         cdef Py_ssize_t i, n = len(tokens)
         cdef int32_t n_ctx = llama_n_ctx(context.ptr)
         cdef int32_t n_vocab = llama_vocab_n_tokens(context.model.vocab)
@@ -388,6 +391,16 @@ cdef class Generation:
         if (g.prompt == NULL or g.out_tokens == NULL or g.token_ns == NULL
                 or g.stops == NULL or g.stop_lens == NULL):
             raise MemoryError("cannot allocate the generation buffers")
+        g.n_logprobs = -1
+        if n_logprobs >= 0:
+            if n_logprobs > n_vocab:
+                raise InvalidInputError(f"logprobs={n_logprobs} exceeds the vocabulary of {n_vocab} tokens")
+            g.n_logprobs = n_logprobs
+            g.logprob = <float *> malloc(max_tokens * sizeof(float))
+            g.top_ids = <int32_t *> malloc(max(<size_t> max_tokens * n_logprobs, 1) * sizeof(int32_t))
+            g.top_lp = <float *> malloc(max(<size_t> max_tokens * n_logprobs, 1) * sizeof(float))
+            if g.logprob == NULL or g.top_ids == NULL or g.top_lp == NULL:
+                raise MemoryError("cannot allocate the logprob buffers")
         for i in range(n):
             t = tokens[i]
             if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= n_vocab:
@@ -468,6 +481,12 @@ cdef class Generation:
         free(<void *> self.g.stops)
         free(self.g.stop_lens)
         free(self.scratch)
+        free(self.g.logprob)
+        free(self.g.top_ids)
+        free(self.g.top_lp)
+        self.g.logprob = NULL
+        self.g.top_ids = NULL
+        self.g.top_lp = NULL
         self.g.prompt = NULL
         self.g.out_tokens = NULL
         self.g.token_ns = NULL
@@ -691,6 +710,12 @@ cdef class Generation:
             r.loop_cpu_ns = g.usage_end.cpu_ns - g.usage_start.cpu_ns
             r.loop_waits = g.usage_end.waits - g.usage_start.waits
             r.loop_preemptions = g.usage_end.preemptions - g.usage_start.preemptions
+        cdef int32_t j, n
+        if g.n_logprobs >= 0 and g.logprob != NULL:
+            n = g.n_logprobs
+            r.logprobs = [g.logprob[i] for i in range(g.n_out)]
+            r.top_logprobs = [[(g.top_ids[i * n + j], g.top_lp[i * n + j]) for j in range(n)
+                               if g.top_ids[i * n + j] >= 0] for i in range(g.n_out)]
         if g.reason == REASON_ERROR:
             self.error = self.describe_error()
         return r

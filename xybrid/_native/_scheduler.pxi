@@ -295,7 +295,7 @@ cdef void sched_eval_media(SchedState * S, int32_t i) noexcept nogil:
     g.n_past = new_n_past
     g.phase = PHASE_GENERATE
     cdef llama_token tok = xy_sample(g.smpl, g.grammar, S.ctx, -1, g.candidates, g.n_vocab, g.argmax)
-    if gen_after_sample(g, tok) != 0:
+    if gen_after_sample(g, -1, tok) != 0:
         sched_end(S, i, False)
     else:
         g.next_token = tok
@@ -429,7 +429,7 @@ cdef void sched_step(SchedState * S, int32_t * hold_prefill) noexcept nogil:
         k = g.batch_idx
         g.batch_idx = -1
         tok = xy_sample(g.smpl, g.grammar, S.ctx, k, g.candidates, g.n_vocab, g.argmax)
-        if gen_after_sample(g, tok) != 0:
+        if gen_after_sample(g, k, tok) != 0:
             sched_end(S, i, False)
         else:
             g.next_token = tok
@@ -683,7 +683,7 @@ cdef class Scheduler:
                bint render_special=False, bint streaming=True,
                size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
                int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US, bint wake_pipe=False,
-               Multimodal mm=None, Chunks chunks=None, bint block=False):
+               Multimodal mm=None, Chunks chunks=None, bint block=False, logprobs=None):
         """Queue a request; returns its :class:`Generation` at once.
 
         ``tokens`` is the whole prompt (the scheduler reuses what a slot's
@@ -692,7 +692,9 @@ cdef class Scheduler:
         ``wake_pipe=True`` the generation has a :attr:`Generation.wake_fd`
         to watch (e.g. ``loop.add_reader``) and :meth:`Generation.poll` to
         read without blocking. A media prompt passes ``mm`` and ``chunks``
-        (from :meth:`Multimodal.tokenize`) and no tokens.
+        (from :meth:`Multimodal.tokenize`) and no tokens. ``logprobs=n``
+        collects each token's log-probability and its ``n`` best
+        alternatives, as :meth:`Context.generate` does.
 
         Raises :class:`~xybrid.errors.OverloadedError` when every slot is
         busy and ``max_queued`` requests already wait, unless ``block=True``,
@@ -723,7 +725,7 @@ cdef class Scheduler:
                     f"context holds {self.s.n_ctx}")
         gen.setup(self.context, [0] if media else list(tokens), 0, 0, max_tokens, sampler, stop,
                   True, buffer_limit if streaming else <size_t> -1, False, render_special,
-                  chunk_interval_us, True)
+                  chunk_interval_us, True, _logprobs_arg(logprobs))
         g = &gen.g
         if media:
             g.mm_ctx = <void *> mm.ptr

@@ -210,6 +210,13 @@ cdef extern from "llama.h" nogil:
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data)
     size_t llama_state_get_size(llama_context * ctx)
     size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
+    # sequence state (session save/restore)
+    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id)
+    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id)
+    size_t llama_state_seq_save_file(llama_context * ctx, const char * filepath, llama_seq_id seq_id,
+                                     const llama_token * tokens, size_t n_token_count)
+    size_t llama_state_seq_load_file(llama_context * ctx, const char * filepath, llama_seq_id dest_seq_id,
+                                     llama_token * tokens_out, size_t n_token_capacity, size_t * n_token_count_out)
 
     # --- memory (KV cache / recurrent state) -------------------------------------
     void llama_memory_clear(llama_memory_t mem, bint data)
