@@ -79,7 +79,7 @@ def run_batched_bench(binary: Path, model: Path, n: int, n_prompt: int, n_predic
                       threads: int, n_ctx: int) -> dict[str, float]:
     cmd = [str(binary), "-m", str(model), "-c", str(n_ctx), "-b", "512", "-ub", "512",
            "-npp", str(n_prompt), "-ntg", str(n_predict), "-npl", str(n), "-t", str(threads),
-           "-tb", str(threads), "-fa", "off", "--no-mmap"]
+           "-tb", str(threads), "-fa", "off"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     for line in out.splitlines():
@@ -123,25 +123,26 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _run_engine_batch(backend: Any, prompts: list[list[int]], n_predict: int) -> list[Any]:
-    """The N requests straight onto the backend's scheduler (greedy), keeping
-    the engine results with their per-token timestamps."""
-    from xybrid._native import _engine
-
-    loaded = backend._loaded
-    gens = [loaded.scheduler.submit(p, _engine.Sampler(loaded.model), max_tokens=n_predict,
-                                    streaming=False, block=True) for p in prompts]
-    return [g.wait() for g in gens]
-
-
 def xybrid_batched(model: Path, prompts: list[list[int]], n_predict: int, threads: int,
                    n_ctx: int) -> dict[str, float]:
-    from xybrid import LlamaCppBackend, LlmConfig
+    """The N requests straight onto a Scheduler (greedy), as llama-batched-bench
+    drives llama.cpp directly; the engine results keep per-token timestamps.
+    (A Scheduler with one slot at N = 1: LlmConfig(parallel=1) would take the
+    single-sequence path instead.)"""
+    from xybrid._native import _engine
 
-    n = len(prompts)
-    with LlamaCppBackend(LlmConfig(model, context_length=n_ctx, n_threads=threads,
-                                   parallel=n, n_batch=512)) as b:
-        return _decode_window(_run_engine_batch(b, prompts, n_predict))
+    m = _engine.Model(str(model))
+    ctx = _engine.Context(m, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_seq_max=len(prompts))
+    sched = _engine.Scheduler(ctx, max_queued=len(prompts))
+    sched.submit(prompts[0][:4], _engine.Sampler(m), max_tokens=2, streaming=False).wait()  # warm
+    sched.clear_idle_caches()
+    gens = [sched.submit(p, _engine.Sampler(m), max_tokens=n_predict, streaming=False)
+            for p in prompts]
+    out = _decode_window([g.wait() for g in gens])
+    sched.close()
+    ctx.close()
+    m.close()
+    return out
 
 
 def xybrid_asyncio(model: Path, prompts: list[list[int]], n_predict: int, threads: int,
@@ -261,6 +262,18 @@ def admission_probe(model: Path, tokenize: Any, threads: int, n_predict: int) ->
 # --- driver -----------------------------------------------------------------------------
 
 
+def _use_installed_xybrid() -> None:
+    """Run from the repository root, ``import xybrid`` would find the source
+    tree, which has no compiled extension: import the installed package."""
+    here = {str(REPO), "", "."}
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if p not in here and Path(p or ".").resolve() != REPO]
+    try:
+        import xybrid  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["gemma", "tiny", "both"], default="both")
@@ -274,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.quick:
         opts.rounds, opts.n, opts.n_predict, opts.model = 1, "1,4", 32, "tiny"
     levels = [int(x) for x in opts.n.split(",")]
+    _use_installed_xybrid()
 
     from xybrid import default_model_path
     from xybrid._native import _engine
