@@ -604,3 +604,24 @@ def test_batched_requests_report_logprobs_like_solo_runs(
         [[t for t, _ in alts] for alts in want.top_logprobs]
     with pytest.raises(Exception, match="parallel=1"):
         batched.save_state()
+
+
+def test_cancelled_asyncio_tasks_free_their_slots(batched: LlamaCppBackend) -> None:
+    async def consume(p: str) -> None:
+        async for _ in batched.astream_raw(p, GenerationConfig(max_tokens=3000, temperature=0)):
+            pass
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(consume(p)) for p in PROMPTS]
+        await asyncio.sleep(0.3)
+        for t in tasks:
+            t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(d, asyncio.CancelledError) for d in done)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while batched.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batched.stats()["running"] == 0 and batched.stats()["queued"] == 0
+    assert batched.generate_raw(PROMPTS[0], GREEDY).tokens_generated == GREEDY.max_tokens
