@@ -90,6 +90,37 @@ def run_batched_bench(binary: Path, model: Path, n: int, n_prompt: int, n_predic
     raise RuntimeError(f"could not read llama-batched-bench's table:\n{out[-2000:]}")
 
 
+# --- llama-cpp-python ---------------------------------------------------------------------
+
+_PEER_SCRIPT = r"""
+import json, sys, time
+from llama_cpp import Llama
+spec = json.loads(sys.argv[1])
+llm = Llama(spec["model"], n_ctx=spec["n_ctx"], n_batch=512, n_ubatch=512,
+            n_threads=spec["threads"], n_threads_batch=spec["threads"], flash_attn=False,
+            n_gpu_layers=0, verbose=False)
+llm.create_completion(spec["prompts"][0][:4], max_tokens=2, temperature=0)
+# Llama is not thread-safe: like its server, requests run one after another.
+t0 = time.monotonic_ns()
+total = 0
+for p in spec["prompts"]:
+    llm.reset()
+    out = llm.create_completion(p, max_tokens=spec["n_predict"], temperature=0, top_k=1)
+    total += out["usage"]["completion_tokens"]
+t1 = time.monotonic_ns()
+print(json.dumps({"e2e_tps": total / ((t1 - t0) / 1e9), "tokens": total}))
+"""
+
+
+def run_peer(python: Path, model: Path, prompts: list[list[int]], n_predict: int, threads: int,
+             n_ctx: int) -> dict[str, float]:
+    spec = {"model": str(model), "prompts": prompts, "n_predict": n_predict, "threads": threads,
+            "n_ctx": n_ctx}
+    out = subprocess.run([str(python), "-c", _PEER_SCRIPT, json.dumps(spec)], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 # --- xybrid -----------------------------------------------------------------------------
 
 
@@ -282,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no-batched-bench", action="store_true")
+    ap.add_argument("--no-peer", action="store_true",
+                    help="leave out llama-cpp-python (built on first use into bench/.cache)")
     ap.add_argument("--quick", action="store_true", help="1 round, N = 1,4, 32 tokens, tiny model")
     opts = ap.parse_args(argv)
     if opts.quick:
@@ -301,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         CACHE.mkdir(parents=True, exist_ok=True)
         models["tiny"] = write_tiny_llama(CACHE / "tiny-overhead.gguf", llama_cpp_dir=llama_cpp_dir)
     binary = None if opts.no_batched_bench else build_batched_bench(llama_cpp_dir, os.cpu_count() or 2)
+    peer = None
+    if not opts.no_peer:
+        sys.path.insert(0, str(REPO))
+        from bench import peer_env
+
+        peer, why = peer_env.ensure()
+        if peer is None:
+            print(f"[concurrent] llama-cpp-python left out: {why}", flush=True)
 
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -329,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                     xybrid_batched(path, prompts, opts.n_predict, opts.threads, n_ctx))
                 r.setdefault("xybrid serialised", []).append(
                     xybrid_serialised(path, prompts, opts.n_predict, opts.threads, 2048))
+                if peer is not None:
+                    r.setdefault("llama-cpp-python", []).append(
+                        run_peer(peer, path, prompts, opts.n_predict, opts.threads, 2048))
                 if n == max(levels) and n >= 4:
                     r.setdefault("xybrid generate_batch e2e", []).append(
                         xybrid_batch_e2e(path, prompts, opts.n_predict, opts.threads, n_ctx))
@@ -372,8 +416,9 @@ def render(report: dict[str, Any]) -> str:
     for name, data in report["models"].items():
         lines += [f"## {name}", "",
                   "| N | batched-bench decode t/s | xybrid batched decode t/s | ÷ batched-bench "
-                  "| xybrid serialised t/s | xybrid batched e2e t/s | TTFT p50 / p95 ms | ITL p95 ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| xybrid serialised e2e t/s | llama-cpp-python e2e t/s | xybrid batched e2e t/s "
+                  "| TTFT p50 / p95 ms | ITL p95 ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for n, r in data["rows"].items():
             xb = r["xybrid batched"]
             ref = r.get("llama-batched-bench")
@@ -382,6 +427,7 @@ def render(report: dict[str, Any]) -> str:
                 f"| {n} | {_med([x['decode_tps'] for x in ref]) if ref else float('nan'):.1f} "
                 f"| {_med([x['decode_tps'] for x in xb]):.1f} | {ratio:.3f} "
                 f"| {_med([x['e2e_tps'] for x in r['xybrid serialised']]):.1f} "
+                f"| {_med([x['e2e_tps'] for x in r.get('llama-cpp-python', [])]):.1f} "
                 f"| {_med([x['e2e_tps'] for x in xb]):.1f} "
                 f"| {_med([x['ttft_p50_ms'] for x in xb]):.0f} / {_med([x['ttft_p95_ms'] for x in xb]):.0f} "
                 f"| {_med([x['itl_p95_ms'] for x in xb]):.1f} |")
@@ -418,18 +464,19 @@ def chart(report: dict[str, Any], path: Path, latest: Path | None) -> None:
     for ax, name in zip(axes[0], names):
         rows = report["models"][name]["rows"]
         ns = [int(n) for n in rows]
-        for label, key in (("llama-batched-bench (C)", "llama-batched-bench"),
-                           ("xybrid batched", "xybrid batched"),
-                           ("xybrid serialised", "xybrid serialised")):
+        for label, key, field in (("llama-batched-bench (C)", "llama-batched-bench", "decode_tps"),
+                                  ("xybrid batched", "xybrid batched", "decode_tps"),
+                                  ("xybrid serialised (today)", "xybrid serialised", "e2e_tps"),
+                                  ("llama-cpp-python", "llama-cpp-python", "e2e_tps")):
             ys = []
             for n in rows:
                 runs = rows[n].get(key)
-                ys.append(_med([r.get("decode_tps", r["e2e_tps"]) for r in runs]) if runs else float("nan"))
+                ys.append(_med([r[field] for r in runs]) if runs else float("nan"))
             ax.plot(ns, ys, marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("concurrent requests N")
-        ax.set_ylabel("aggregate decode tokens/s")
+        ax.set_ylabel("aggregate tokens/s")
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
