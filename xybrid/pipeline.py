@@ -193,7 +193,9 @@ def prepare_raw(view: ModelView, prompt: str | Sequence[int],
 def _prepare_media(view: ModelView, msgs: list[ChatMessage],
                    tools: list[dict[str, Any]] | None, stops: tuple[str, ...]) -> PreparedRequest:
     """Render the media markers into the prompt and tokenize text and media
-    through mtmd. Evaluating the chunks is the engine's job."""
+    through mtmd. Evaluating the chunks is the engine's job. (mtmd_tokenize
+    takes the projector as const, so it may run while a scheduler thread
+    encodes another request's media with the same projector.)"""
     mm = view.multimodal
     if mm is None:
         raise UnsupportedInputError(
