@@ -227,6 +227,8 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
                 except ClientGone:
                     metrics.disconnects.inc()
                     return Response(status_code=499)
+                finally:
+                    release()
                 record(request, list(outputs), t0)
                 return JSONResponse(make_response(outputs))
             try:

@@ -65,10 +65,6 @@ class ApiKey:
         await self.app(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes with 413, whether the size
     is announced (Content-Length) or only found while reading (chunked)."""
@@ -92,30 +88,34 @@ class BodyLimit:
                     await self._refuse(send, 413, f"the request body of {size} bytes is over "
                                        f"this server's limit of {self.limit} bytes")
                     return
+        # Read the whole body (at most limit + 1 bytes) before the app sees it,
+        # then replay it: the app's body parser would turn any error raised
+        # mid-read into a generic 400.
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":  # disconnected while sending
+                return
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
                 await self._refuse(send, 413, f"the request body is over this server's limit "
                                    f"of {self.limit} bytes")
+                return
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     @staticmethod
     async def _refuse(send: Send, status: int, message: str) -> None:
