@@ -344,3 +344,22 @@ def test_sigterm_drains_and_exits_zero() -> None:
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.base_url + "/health", timeout=2)
     srv.stop()
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def test_health_is_503_while_the_model_loads() -> None:
+    # The app before its model has loaded (the lifespan, which loads it, is
+    # not started here): the state every server is in during start-up.
+    from fastapi.testclient import TestClient
+
+    from xybrid.server.app import create_app
+    from xybrid.server.settings import ServerSettings
+
+    client = TestClient(create_app(ServerSettings(log_requests=False)))
+    h = client.get("/health")
+    assert h.status_code == 503 and h.json()["status"] == "loading"
+    assert int(h.headers["Retry-After"]) >= 1
+    r = client.post(CHAT, json={"messages": HELLO})
+    assert_openai_error(r, 503, code="model_not_loaded")
+    assert "loading" in r.json()["error"]["message"]

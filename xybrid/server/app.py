@@ -309,10 +309,11 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
         route(request, "/v1/embeddings")
         engine.require()
         model = check_model(body.model, embedding=True)
-        texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        if not texts:
+        given: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not given:
             raise APIError(400, "input is empty", param="input", code="invalid_value")
-        if any(not isinstance(t, str) for t in texts):
+        texts = [t for t in given if isinstance(t, str)]
+        if len(texts) != len(given):
             raise APIError(400, "input as token ids is not supported: send text (the ids of "
                            "another tokenizer would not mean anything to this model)",
                            param="input", code="unsupported_parameter")
