@@ -299,3 +299,41 @@ def test_health_and_metrics(server: ServerProcess) -> None:
     assert "xybrid_sequences_in_flight" in text
     log = server.log()
     assert "POST /v1/chat/completions 200 tokens=" in log  # one line per request
+
+
+# --- multimodal (--mmproj) ---------------------------------------------------------------------
+
+def test_image_and_audio_parts_with_a_projector(tmp_path, llama_cpp_dir) -> None:  # type: ignore[no-untyped-def]
+    import base64
+    import io
+    import wave
+
+    from PIL import Image
+
+    from xybrid.testing.tiny_models import write_tiny_vlm
+
+    model, mmproj = write_tiny_vlm(tmp_path, vision=True, audio=True,
+                                   llama_cpp_dir=llama_cpp_dir)
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(png, format="PNG")
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.linspace(0, 2 * np.pi * 440, 8000)) * 3000)
+                      .astype("<i2").tobytes())
+    srv = start_server("--model", str(model), "--mmproj", str(mmproj), "--alias", "vlm")
+    try:
+        client = openai.OpenAI(base_url=srv.api_url, api_key=API_KEY, max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="vlm", max_tokens=4, temperature=0, messages=[{
+            "role": "user", "content": [
+                {"type": "text", "text": "Describe these."},
+                {"type": "image_url", "image_url": {
+                    "url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
+                {"type": "input_audio", "input_audio": {
+                    "data": base64.b64encode(wav.getvalue()).decode(), "format": "wav"}}]}])
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage is not None and r.usage.prompt_tokens > 0
+    finally:
+        assert srv.stop() == 0, srv.log()
