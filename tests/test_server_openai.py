@@ -303,7 +303,7 @@ def test_health_and_metrics(server: ServerProcess) -> None:
 
 # --- multimodal (--mmproj) ---------------------------------------------------------------------
 
-def test_image_and_audio_parts_with_a_projector(tmp_path, llama_cpp_dir) -> None:  # type: ignore[no-untyped-def]
+def test_projector_and_embedding_model(tmp_path, llama_cpp_dir) -> None:  # type: ignore[no-untyped-def]
     import base64
     import io
     import wave
@@ -323,7 +323,11 @@ def test_image_and_audio_parts_with_a_projector(tmp_path, llama_cpp_dir) -> None
         w.setframerate(16000)
         w.writeframes((np.sin(np.linspace(0, 2 * np.pi * 440, 8000)) * 3000)
                       .astype("<i2").tobytes())
-    srv = start_server("--model", str(model), "--mmproj", str(mmproj), "--alias", "vlm")
+    from xybrid.testing.tiny_models import write_tiny_llama
+
+    embed = write_tiny_llama(tmp_path / "embed.gguf", n_embd=32, llama_cpp_dir=llama_cpp_dir)
+    srv = start_server("--model", str(model), "--mmproj", str(mmproj), "--alias", "vlm",
+                       "--embedding-model", str(embed))
     try:
         client = openai.OpenAI(base_url=srv.api_url, api_key=API_KEY, max_retries=0, timeout=60)
         r = client.chat.completions.create(model="vlm", max_tokens=4, temperature=0, messages=[{
@@ -335,5 +339,11 @@ def test_image_and_audio_parts_with_a_projector(tmp_path, llama_cpp_dir) -> None
                     "data": base64.b64encode(wav.getvalue()).decode(), "format": "wav"}}]}])
         assert r.choices[0].finish_reason in ("stop", "length")
         assert r.usage is not None and r.usage.prompt_tokens > 0
+        # --embedding-model: its own model id and its own vector size.
+        assert [m.id for m in client.models.list()] == ["vlm", "embed"]
+        e = client.embeddings.create(model="embed", input=["one", "two"])
+        assert [len(d.embedding) for d in e.data] == [32, 32]
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="vlm", input="one")
     finally:
         assert srv.stop() == 0, srv.log()
