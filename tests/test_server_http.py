@@ -192,6 +192,7 @@ def test_error_after_the_stream_started_is_an_sse_error_event(server: ServerProc
     assert "[DONE]" not in events
     last = json.loads(events[-1])
     assert set(last) == {"error"} and set(last["error"]) == {"message", "type", "param", "code"}
+    assert last["error"]["code"] == "tool_call_parse_error"
     text = "".join(c["delta"].get("content") or ""
                    for e in events[:-1] for c in json.loads(e)["choices"])
     assert text.startswith("Sure.")  # streamed before the error

@@ -80,7 +80,10 @@ def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
         # lone surrogate in a JSON string cannot be encoded for the tokenizer.
         return APIError(400, str(exc), code="invalid_value")
     if isinstance(exc, GenerationError):
-        return APIError(500, f"generation failed: {exc}", code="generation_failed")
+        # Includes a tool call the model wrote that does not parse (ToolCallError).
+        code = "tool_call_parse_error" if type(exc).__name__ == "ToolCallError" \
+            else "generation_failed"
+        return APIError(500, f"generation failed: {exc}", code=code)
     if isinstance(exc, XybridError):
         return APIError(500, str(exc), code="engine_error")
     log.error("unhandled error while serving a request", exc_info=exc)
