@@ -43,26 +43,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_PREP = """
+import json, os, sys
+from pathlib import Path
+out = {}
+for name in sys.argv[1].split(","):
+    if name == "gemma":
+        from xybrid.default_model import default_model_path
+        out["gemma"] = str(default_model_path())
+    elif name == "tiny":
+        tiny = Path(sys.argv[2])
+        if not tiny.is_file():
+            from xybrid.testing.tiny_models import write_tiny_llama
+            tiny.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tiny.with_suffix(".partial")
+            write_tiny_llama(tmp, llama_cpp_dir=sys.argv[3])
+            os.replace(tmp, tiny)
+        out["tiny"] = str(tiny)
+    else:
+        out[Path(name).stem] = name
+print(json.dumps(out))
+"""
+
+
 def _models(names: list[str], llama_cpp_dir: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name in names:
-        if name == "gemma":
-            from xybrid.default_model import default_model_path
-
-            out["gemma"] = str(default_model_path())
-        elif name == "tiny":
-            tiny = CACHE / "tiny-llama.gguf"
-            if not tiny.is_file():
-                from xybrid.testing.tiny_models import write_tiny_llama
-
-                tiny.parent.mkdir(parents=True, exist_ok=True)
-                tmp = tiny.with_suffix(".partial")
-                write_tiny_llama(tmp, llama_cpp_dir=llama_cpp_dir)
-                os.replace(tmp, tiny)
-            out["tiny"] = str(tiny)
-        else:
-            out[Path(name).stem] = name
-    return out
+    # In a process outside the repository: the installed package, not the
+    # source tree (which has no compiled extension), is imported.
+    with tempfile.TemporaryDirectory() as cwd:
+        done = subprocess.run([sys.executable, "-c", _PREP, ",".join(names),
+                               str(CACHE / "tiny-llama.gguf"), str(llama_cpp_dir.resolve())],
+                              cwd=cwd, capture_output=True, text=True, check=True)
+    return dict(json.loads(done.stdout.splitlines()[-1]))
 
 
 def _command(contestant: str, args: argparse.Namespace, model: str, n: int,
