@@ -180,11 +180,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from xybrid.server.run import serve, settings_from_args
-    except ImportError as exc:
+    import importlib.util
+
+    from xybrid.server.run import serve, settings_from_args
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client")
+               if importlib.util.find_spec(m) is None]
+    if missing:
         print(f"xybrid: error: xybrid serve needs the server extra "
-              f"(pip install 'xybrid[server]'): {exc}", file=sys.stderr)
+              f"(pip install 'xybrid[server]'); missing: {', '.join(missing)}", file=sys.stderr)
         return 1
     return serve(settings_from_args(args))
 

@@ -28,10 +28,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     def opt(flag: str, field: str, kind: Any, help: str, *short: str) -> None:
         default = env_default(field, getattr(_D, field))
         shown = ("set" if default else "none") if field == "api_key" else default  # no secrets
+        if field == "model" and default is None:
+            shown = "SmolLM2-135M-Instruct, the default chat model"
         p.add_argument(*short, flag, dest=field, type=kind, default=default,
                        help=f"{help} (env XYBRID_{field.upper()}; default: {shown})")
 
-    opt("--model", "model", str, "GGUF file or folder (default: SmolLM2-135M-Instruct)", "-m")
+    opt("--model", "model", str, "GGUF file or folder", "-m")
     opt("--host", "host", str, "address to bind")
     opt("--port", "port", int, "TCP port")
     opt("--parallel", "parallel", int, "requests decoded together (slots)", "-np")
