@@ -187,6 +187,14 @@ async def _async_client_session(server: ServerProcess) -> None:
     assert all(m.choices[0].finish_reason in ("stop", "length") for m in many)
     emb = await aclient.embeddings.create(model=MODEL, input="hello")
     assert len(emb.data[0].embedding) > 0
+    assert [m.id async for m in aclient.models.list()] == [MODEL]
+    comp = await aclient.completions.create(model=MODEL, prompt="Two plus two is", max_tokens=4)
+    assert comp.choices[0].text
+    cstream = await aclient.completions.create(model=MODEL, prompt="Red, green,", max_tokens=4,
+                                               stream=True)
+    assert "".join([c.choices[0].text async for c in cstream if c.choices])
+    with pytest.raises(openai.BadRequestError):
+        await aclient.chat.completions.create(model=MODEL, messages=HELLO, n=1000)
     await aclient.close()
 
 
