@@ -89,6 +89,8 @@ def test_wrong_types_and_values_are_400_naming_the_field(server: ServerProcess, 
     ({"seed": 10**30}, "seed"),
     ({"seed": -1}, "seed"),
     ({"top_k": -5}, "top_k"),
+    ({"top_k": 10**20}, "top_k"),
+    ({"repeat_penalty": 1e308, "max_tokens": 10**40}, "max_tokens"),
     ({"stop": ["x"] * 100}, "stop"),
 ])
 def test_huge_values_are_refused(server: ServerProcess, extra: dict[str, object],
