@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${XYBRID_EXTRAS:-test}
+EXTRAS=${XYBRID_EXTRAS:-test,server}
 VENV=${XYBRID_VENV:-.venv}
 
 if [ ! -x "$VENV/bin/python" ]; then

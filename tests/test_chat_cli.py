@@ -34,7 +34,8 @@ def test_chat_subprocess_two_turns_reset_exit(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "(template: gemma)" in out.splitlines()[0]
+    # The default chat model: SmolLM2-135M-Instruct, with the template in its metadata.
+    assert "Smollm2" in out.splitlines()[0] and "(template: jinja:model)" in out.splitlines()[0]
     reused = [(int(n), finish) for n, finish in REUSED.findall(out)]
     assert len(reused) == 3, out
     assert reused[0][0] == 0  # first turn: empty cache

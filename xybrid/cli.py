@@ -35,9 +35,9 @@ def _model_path(arg: str | None) -> str:
     return str(resolve_model_path(arg))
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default_label: str = "Gemma 3 270M") -> None:
     p.add_argument("--model", "-m", metavar="PATH",
-                   help="GGUF file or a folder holding one (default: Gemma 3 270M)")
+                   help=f"GGUF file or a folder holding one (default: {default_label})")
     p.add_argument("--threads", "-t", type=int, default=0, help="CPU threads (0 = all)")
     p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length in tokens")
     p.add_argument("--gpu-layers", "-ngl", type=int, default=0,
@@ -70,11 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the run's telemetry as one JSON line on stderr")
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (reuses the KV cache)")
-    _add_model_args(chat)
+    _add_model_args(chat, "SmolLM2-135M-Instruct, the default chat model")
     _add_sampling_args(chat, temperature=0.7)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--chat-template", default=None,
                       help="chatml, gemma, llama2, or a Jinja template (default: the model's)")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (the server extra)")
+    from xybrid.server.run import add_serve_args
+
+    add_serve_args(serve)
 
     info = sub.add_parser("info", help="describe a model and this build")
     info.add_argument("model", nargs="?", default=None, help="GGUF file (default: Gemma 3 270M)")
@@ -167,7 +172,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from xybrid.chat_cli import run_chat
 
+    if args.model is None:  # Gemma 3 270M is a base model; chat on an instruct one
+        from xybrid.default_model import default_chat_model_path
+
+        args.model = str(default_chat_model_path())
     return run_chat(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from xybrid.server.run import serve, settings_from_args
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"xybrid: error: xybrid serve needs the server extra "
+              f"(pip install 'xybrid[server]'); missing: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return serve(settings_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"generate": _cmd_generate, "info": _cmd_info, "chat": _cmd_chat}
+    handlers = {"generate": _cmd_generate, "info": _cmd_info, "chat": _cmd_chat,
+                "serve": _cmd_serve}
     try:
         return handlers[args.command](args)
     except XybridError as exc:
