@@ -860,7 +860,7 @@ class Llama:
         """:meth:`create_chat_completion` as ``openai`` package objects
         (``ChatCompletion`` / ``ChatCompletionChunk``); needs ``openai``."""
         try:
-            from openai.types.chat import ChatCompletion, ChatCompletionChunk  # type: ignore[import-not-found]
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk  # type: ignore[import-not-found, unused-ignore]
         except ImportError as exc:
             raise ImportError("create_chat_completion_openai_v1 needs the openai package") from exc
         result = self.create_chat_completion(*args, **kwargs)
