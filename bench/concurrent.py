@@ -76,10 +76,13 @@ def build_batched_bench(llama_cpp_dir: Path, jobs: int) -> Path:
 
 
 def run_batched_bench(binary: Path, model: Path, n: int, n_prompt: int, n_predict: int,
-                      threads: int, n_ctx: int) -> dict[str, float]:
+                      threads: int, n_ctx: int, unified: bool = True) -> dict[str, float]:
+    """``unified``: one KV buffer shared by all sequences (``-kvu``), the layout
+    xybrid's scheduler uses; without it llama.cpp gives each sequence its own
+    stream of n_ctx / N cells (its default here)."""
     cmd = [str(binary), "-m", str(model), "-c", str(n_ctx), "-b", "512", "-ub", "512",
            "-npp", str(n_prompt), "-ntg", str(n_predict), "-npl", str(n), "-t", str(threads),
-           "-tb", str(threads), "-fa", "off"]
+           "-tb", str(threads), "-fa", "off", "-kvu" if unified else "-no-kvu"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     for line in out.splitlines():
@@ -366,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                 if binary is not None:
                     r.setdefault("llama-batched-bench", []).append(run_batched_bench(
                         binary, path, n, n_prompt, opts.n_predict, opts.threads, n_ctx))
+                    if n > 1:
+                        r.setdefault("llama-batched-bench split KV", []).append(run_batched_bench(
+                            binary, path, n, n_prompt, opts.n_predict, opts.threads, n_ctx, False))
                 r.setdefault("xybrid batched", []).append(
                     xybrid_batched(path, prompts, opts.n_predict, opts.threads, n_ctx))
                 r.setdefault("xybrid serialised", []).append(
@@ -415,10 +421,10 @@ def render(report: dict[str, Any]) -> str:
              f"{report['rounds']} rounds; medians, ratios are medians of per-round ratios.", ""]
     for name, data in report["models"].items():
         lines += [f"## {name}", "",
-                  "| N | batched-bench decode t/s | xybrid batched decode t/s | ÷ batched-bench "
+                  "| N | batched-bench (-kvu) decode t/s | xybrid batched decode t/s | ÷ batched-bench "
                   "| xybrid serialised e2e t/s | llama-cpp-python e2e t/s | xybrid batched e2e t/s "
-                  "| TTFT p50 / p95 ms | ITL p95 ms |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| TTFT p50 / p95 ms | ITL p95 ms | batched-bench split KV decode t/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for n, r in data["rows"].items():
             xb = r["xybrid batched"]
             ref = r.get("llama-batched-bench")
@@ -430,7 +436,8 @@ def render(report: dict[str, Any]) -> str:
                 f"| {_med([x['e2e_tps'] for x in r.get('llama-cpp-python', [])]):.1f} "
                 f"| {_med([x['e2e_tps'] for x in xb]):.1f} "
                 f"| {_med([x['ttft_p50_ms'] for x in xb]):.0f} / {_med([x['ttft_p95_ms'] for x in xb]):.0f} "
-                f"| {_med([x['itl_p95_ms'] for x in xb]):.1f} |")
+                f"| {_med([x['itl_p95_ms'] for x in xb]):.1f} "
+                f"| {_med([x['decode_tps'] for x in r.get('llama-batched-bench split KV', [])]):.1f} |")
         one = data["rows"].get("1")
         if one:
             n1 = _med([a["decode_tps"] / s for a, s in zip(one["xybrid batched"], data["single_decode_tps"])])
@@ -464,7 +471,9 @@ def chart(report: dict[str, Any], path: Path, latest: Path | None) -> None:
     for ax, name in zip(axes[0], names):
         rows = report["models"][name]["rows"]
         ns = [int(n) for n in rows]
-        for label, key, field in (("llama-batched-bench (C)", "llama-batched-bench", "decode_tps"),
+        for label, key, field in (("llama-batched-bench -kvu (C)", "llama-batched-bench", "decode_tps"),
+                                  ("llama-batched-bench split KV (C)", "llama-batched-bench split KV",
+                                   "decode_tps"),
                                   ("xybrid batched", "xybrid batched", "decode_tps"),
                                   ("xybrid serialised (today)", "xybrid serialised", "e2e_tps"),
                                   ("llama-cpp-python", "llama-cpp-python", "e2e_tps")):
