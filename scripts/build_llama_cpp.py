@@ -91,6 +91,22 @@ def configure(source: Path, build: Path, args: list[str], generator: str | None)
     stamp.write_text(json.dumps(wanted))
 
 
+def ccache_base_dir(source: Path, build: Path) -> None:
+    """Let ccache reuse objects across checkouts and unpacked sdists.
+
+    ccache keys on the compiler's command line, which CMake fills with
+    absolute paths; with a base_dir above both the source and the build
+    folder it rewrites them relative to the build folder, so two trees with
+    the same layout (a checkout and the next one, or the same sdist unpacked
+    into two temporary folders) share their objects. Objects are unaffected
+    but for __FILE__, which becomes a relative path. An explicit
+    CCACHE_BASEDIR is kept.
+    """
+    common = os.path.commonpath([source, build])
+    if "CCACHE_BASEDIR" not in os.environ and common != os.path.dirname(common):  # not "/"
+        os.environ["CCACHE_BASEDIR"] = common
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True)
@@ -110,6 +126,8 @@ def main() -> int:
     args = cmake_args(source, opts.native == "true", opts.cuda == "true", opts.build_type,
                       opts.cuda_architectures)
     generator = "Ninja" if shutil.which("ninja") else None
+    if shutil.which("ccache"):
+        ccache_base_dir(source, build)
     configure(source, build, args, generator)
 
     targets = ["llama", "mtmd"]

@@ -67,10 +67,12 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requ
     -d "$WORK/wheelhouse" "${build_reqs[@]}"
 step "wheel from the sdist: isolated, no network (${OFFLINE[*]:-network kept})"
 rm -rf "$WORK/raw"
+# A fixed build folder inside the unpacked sdist: the same layout on every run,
+# so ccache (where there is one) can reuse the objects of the previous run.
 # shellcheck disable=SC2086  # WHEEL_SETUP_ARGS is a list of meson options
 "${OFFLINE[@]}" "$TOOLS_PY" -m pip wheel --disable-pip-version-check --no-deps \
     --no-index --find-links "$WORK/wheelhouse" \
-    -Csetup-args=-Dnative=false $(for a in $WHEEL_SETUP_ARGS; do echo "-Csetup-args=$a"; done) \
+    -Cbuild-dir=build/portable -Csetup-args=-Dnative=false $(for a in $WHEEL_SETUP_ARGS; do echo "-Csetup-args=$a"; done) \
     -w "$WORK/raw" "$sdist" > "$WORK/wheel.log" 2>&1 \
     || { tail -60 "$WORK/wheel.log"; exit 1; }
 raw=$(ls "$WORK"/raw/xybrid-*.whl)
