@@ -53,7 +53,8 @@ rm -f "$DIST"/xybrid-*.tar.gz
 "$TOOLS_PY" -m build --sdist --outdir "$DIST" "$REPO" > "$WORK/sdist.log" 2>&1 \
     || { tail -40 "$WORK/sdist.log"; exit 1; }
 sdist=$(ls "$DIST"/xybrid-*.tar.gz)
-tar -tzf "$sdist" | grep -q '/llama.cpp/.xybrid-pin$' \
+tar -tzf "$sdist" > "$WORK/sdist-files.txt"
+grep -q '/llama.cpp/.xybrid-pin$' "$WORK/sdist-files.txt" \
     || { echo "build_wheel: $sdist does not carry llama.cpp" >&2; exit 1; }
 step "sdist: $sdist ($(du -h "$sdist" | cut -f1))"
 
