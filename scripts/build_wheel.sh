@@ -81,7 +81,10 @@ step "built $(basename "$raw")"
 
 # --- 3. auditwheel ----------------------------------------------------------
 rm -f "$DIST"/xybrid-*.whl
-PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair -w "$DIST" "$raw" \
+repair_args=()
+# A CUDA build links the driver library, which belongs to the user's system.
+case " $WHEEL_SETUP_ARGS " in *" -Dcuda=true "*) repair_args+=(--exclude libcuda.so.1) ;; esac
+PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair "${repair_args[@]}" -w "$DIST" "$raw" \
     > "$WORK/auditwheel.log" 2>&1 || { cat "$WORK/auditwheel.log"; exit 1; }
 wheel=$(ls "$DIST"/xybrid-*.whl)
 tag=$(basename "$wheel" .whl | cut -d- -f3-)
