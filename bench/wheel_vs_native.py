@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def build_facts(python: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.wheel_vs_native", description=__doc__.splitlines()[0])
-    p.add_argument("--wheel-python", required=True, help="python of an environment with the portable wheel")
+    p.add_argument("--wheel-python", required=True, type=os.path.abspath, help="python of an environment with the portable wheel")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workloads", default="compute,overhead,prefill")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = {"native": build_facts(sys.executable), "wheel": build_facts(opts.wheel_python)}
     print(f"[wheel-vs-native] native: {facts['native']}")
     print(f"[wheel-vs-native] wheel:  {facts['wheel']}")
-    contestants = [harness.Contestant("native", ["engine"], python=sys.executable, worker=WORKER),
+    # Not the key "native": the harness reserves it for the C loop.
+    contestants = [harness.Contestant("source", ["engine"], python=sys.executable, worker=WORKER),
                    harness.Contestant("wheel", ["engine"], python=opts.wheel_python, worker=WORKER)]
     rates: dict[str, dict[str, list[float]]] = {}
     busy_seen: list[float] = []
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{c.key} failed on {case.name}: {res['error']}")
                     n_prompt = len(prep["tokens"][case.model][case.prompt])
                     f = report.figures(case.kind, res["variants"]["engine"], res, n_prompt)
-                    line.append(f"{c.key} {f['tps']:.1f} tok/s")
+                    line.append(f"{'native' if c.key == 'source' else c.key} {f['tps']:.1f} tok/s")
                     if rnd > 0:
                         rates.setdefault(case.name, {}).setdefault(c.key, []).append(f["tps"])
                 if rnd > 0:
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'workload':<16} {'native tok/s':>13} {'wheel tok/s':>12} {'wheel/native':>13}")
     summary = {}
     for name, by in rates.items():
-        nat, whl = statistics.median(by["native"]), statistics.median(by["wheel"])
+        nat, whl = statistics.median(by["source"]), statistics.median(by["wheel"])
         # Per-round ratios: both ran back to back, under the same load.
-        ratios = [w / n for w, n in zip(by["wheel"], by["native"])]
-        summary[name] = {"native": by["native"], "wheel": by["wheel"], "ratio_median": statistics.median(ratios)}
+        ratios = [w / n for w, n in zip(by["wheel"], by["source"])]
+        summary[name] = {"native": by["source"], "wheel": by["wheel"], "ratio_median": statistics.median(ratios)}
         print(f"{name:<16} {nat:13.1f} {whl:12.1f} {statistics.median(ratios):13.3f}")
     if opts.out:
         opts.out.write_text(json.dumps({"facts": facts, "rounds": opts.rounds, "threads": opts.threads,
