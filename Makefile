@@ -4,7 +4,7 @@ PROMPT ?= The three primary colours are
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test bench typecheck clean
+.PHONY: setup run test bench typecheck wheel clean
 
 setup:
 	./scripts/setup.sh
@@ -23,6 +23,11 @@ typecheck: setup
 bench:
 	XYBRID_EXTRAS=bench,test ./scripts/setup.sh
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The release chain: sdist, portable wheel built from it offline, auditwheel,
+# smoke test in a fresh venv without a compiler (scripts/build_wheel.sh).
+wheel:
+	./scripts/build_wheel.sh
 
 clean:
 	rm -rf build $(VENV)

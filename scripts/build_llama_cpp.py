@@ -10,6 +10,11 @@ unchanged llama.cpp does not relink the extension.
 All libraries are built with an RPATH of ``$ORIGIN`` and without versioned
 SONAMEs, so the installed package loads the copies that sit beside the
 extension and never a system libllama.
+
+A portable build (``--native false``, the wheel profile) builds ggml's CPU
+backend once per CPU generation (``GGML_CPU_ALL_VARIANTS``) as modules that
+ggml loads at run time (``GGML_BACKEND_DL``); the engine then loads the best
+one for the CPU it runs on from its own folder.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import sys
 from pathlib import Path
 
 
-def cmake_args(source: Path, native: bool, cuda: bool, build_type: str) -> list[str]:
+def cmake_args(
+    source: Path, native: bool, cuda: bool, build_type: str, cuda_architectures: str = ""
+) -> list[str]:
     args = [
         f"-DCMAKE_BUILD_TYPE={build_type}",
         "-DBUILD_SHARED_LIBS=ON",
@@ -39,6 +46,9 @@ def cmake_args(source: Path, native: bool, cuda: bool, build_type: str) -> list[
         "-DLLAMA_OPENSSL=OFF",
         "-DLLAMA_SUBPROCESS=OFF",
         f"-DGGML_NATIVE={'ON' if native else 'OFF'}",
+        # Portable: every CPU variant as a run-time loaded module.
+        f"-DGGML_BACKEND_DL={'OFF' if native else 'ON'}",
+        f"-DGGML_CPU_ALL_VARIANTS={'OFF' if native else 'ON'}",
         f"-DGGML_CUDA={'ON' if cuda else 'OFF'}",
         # ggml's own thread pool instead of OpenMP: each xybrid Context owns a
         # pool, so decode speed does not depend on which thread calls
@@ -57,8 +67,13 @@ def cmake_args(source: Path, native: bool, cuda: bool, build_type: str) -> list[
     else:
         args.append("-DGGML_CCACHE=OFF")
     if cuda:
-        # Build kernels for the GPU of this machine when it has one.
-        args.append("-DCMAKE_CUDA_ARCHITECTURES=native")
+        # Explicit architectures for a distributable build ("75;80;86;89;90");
+        # otherwise the GPU of this machine for a native build, and llama.cpp's
+        # own list of common architectures for a portable one.
+        if cuda_architectures:
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}")
+        elif native:
+            args.append("-DCMAKE_CUDA_ARCHITECTURES=native")
     return args
 
 
@@ -76,6 +91,22 @@ def configure(source: Path, build: Path, args: list[str], generator: str | None)
     stamp.write_text(json.dumps(wanted))
 
 
+def ccache_base_dir(source: Path, build: Path) -> None:
+    """Let ccache reuse objects across checkouts and unpacked sdists.
+
+    ccache keys on the compiler's command line, which CMake fills with
+    absolute paths; with a base_dir above both the source and the build
+    folder it rewrites them relative to the build folder, so two trees with
+    the same layout (a checkout and the next one, or the same sdist unpacked
+    into two temporary folders) share their objects. Objects are unaffected
+    but for __FILE__, which becomes a relative path. An explicit
+    CCACHE_BASEDIR is kept.
+    """
+    common = os.path.commonpath([source, build])
+    if "CCACHE_BASEDIR" not in os.environ and common != os.path.dirname(common):  # not "/"
+        os.environ["CCACHE_BASEDIR"] = common
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True)
@@ -83,6 +114,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--native", choices=["true", "false"], default="true")
     parser.add_argument("--cuda", choices=["true", "false"], default="false")
+    parser.add_argument("--cuda-architectures", default="",
+                        help="CMAKE_CUDA_ARCHITECTURES ('' = native, or llama.cpp's list when portable)")
     parser.add_argument("--build-type", default="Release")
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("libs", nargs="+", help="library file names to deliver")
@@ -90,8 +123,11 @@ def main() -> int:
 
     source = opts.source.resolve()
     build = opts.build.resolve()
-    args = cmake_args(source, opts.native == "true", opts.cuda == "true", opts.build_type)
+    args = cmake_args(source, opts.native == "true", opts.cuda == "true", opts.build_type,
+                      opts.cuda_architectures)
     generator = "Ninja" if shutil.which("ninja") else None
+    if shutil.which("ccache"):
+        ccache_base_dir(source, build)
     configure(source, build, args, generator)
 
     targets = ["llama", "mtmd"]
@@ -100,6 +136,15 @@ def main() -> int:
         ["cmake", "--build", str(build), "--parallel", str(jobs), "--target", *targets],
         check=True,
     )
+
+    # The CPU variants meson declared must be exactly the ones llama.cpp
+    # built: a new llama.cpp pin with another list must update meson.build.
+    built_variants = {p.name for p in (build / "bin").glob("libggml-cpu-*.so")}
+    declared_variants = {n for n in opts.libs if n.startswith("libggml-cpu-")}
+    if opts.native == "false" and built_variants != declared_variants:
+        print(f"build_llama_cpp: llama.cpp built the CPU variants {sorted(built_variants)}, "
+              f"meson.build declares {sorted(declared_variants)}", file=sys.stderr)
+        return 1
 
     opts.out.mkdir(parents=True, exist_ok=True)
     for name in opts.libs:

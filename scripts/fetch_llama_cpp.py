@@ -8,13 +8,20 @@ download the sdist with pip, check its SHA-256, and extract only
 ``vendor/llama.cpp``.
 
 Idempotent: when ``llama.cpp/.xybrid-pin`` already names the pinned commit the
-script does nothing. The meson build calls it when the folder is missing.
+script does nothing. The meson build calls it when the folder is missing. An
+sdist of xybrid carries the folder (scripts/dist_llama_cpp.py), so building
+from one needs no network.
+
+Nothing is installed anywhere: pip (a build requirement, so it is there in an
+isolated build environment too) only saves the file into a temporary folder,
+and prepares its metadata in a build environment of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -47,20 +54,18 @@ def _download_sdist(workdir: Path) -> Path:
         candidate = Path(cache) / f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
         if candidate.is_file() and _sha256(candidate) == SDIST_SHA256:
             return candidate
-    # --no-build-isolation: pip prepares the sdist's metadata before saving it;
-    # in an isolated env it would try to build cmake from source first.
-    # The backend it needs is scikit-build-core, whose metadata hook is cheap.
-    try:
-        import scikit_build_core  # noqa: F401
-    except ImportError:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "scikit-build-core"],
-            check=True,
-        )
+    if importlib.util.find_spec("pip") is None:
+        raise SystemExit(
+            f"{sys.executable} has no pip to download {SDIST_NAME}=={SDIST_VERSION} "
+            "(the llama.cpp source) with; install pip, or build from an xybrid sdist, "
+            "which carries the source, or pass -Csetup-args=-Dllama_cpp_dir=PATH")
+    # --no-binary for this package only: pip reads the sdist's metadata in an
+    # isolated environment of its own and takes wheels for that step's build
+    # requirements (scikit-build-core); nothing lands in the caller's environment.
     subprocess.run(
         [
-            sys.executable, "-m", "pip", "download", "--quiet",
-            "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+            sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+            "--no-deps", "--no-binary", SDIST_NAME,
             "--dest", str(workdir), f"{SDIST_NAME}=={SDIST_VERSION}",
         ],
         check=True,

@@ -3,4 +3,5 @@ VERSION: str
 LLAMA_CPP_COMMIT: str
 NATIVE: bool
 CUDA: bool
+BACKEND_DL: bool
 BUILD_TYPE: str

@@ -22,8 +22,30 @@ def _version_text() -> str:
     from xybrid import __llama_cpp_commit__, __version__
     from xybrid._build_info import BUILD_TYPE, CUDA, NATIVE
 
-    flags = [f"native={'on' if NATIVE else 'off'}", f"cuda={'on' if CUDA else 'off'}", BUILD_TYPE]
+    flags = [f"native={'on' if NATIVE else 'off'}", f"cpu={_cpu_variant()}",
+             f"cuda={'on' if CUDA else 'off'}", BUILD_TYPE]
     return f"xybrid {__version__} (llama.cpp {__llama_cpp_commit__}; {', '.join(flags)})"
+
+
+def _cpu_variant() -> str:
+    """The CPU backend in use: the variant a portable build picked for this
+    CPU (e.g. "zen4"), or "built-in" for a build with a single one."""
+    from xybrid._native import _engine
+
+    return str(_engine.cpu_backend()["variant"] or "built-in")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked: naming the CPU backend loads the engine."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str = "show the version and build, then exit") -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(_version_text())
+        parser.exit()
 
 
 def _model_path(arg: str | None) -> str:
@@ -59,7 +81,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float) -> Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xybrid", description="Run local GGUF language models on llama.cpp.")
-    parser.add_argument("--version", action="version", version=_version_text())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="continue a raw prompt and stream the text")
@@ -153,6 +175,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "hybrid": model.is_hybrid,
         "chat_template": template is not None,
         "version": _version_text(),
+        "cpu_backend": _cpu_variant(),
         "system_info": _engine.system_info(),
     }
     model.close()

@@ -1,5 +1,35 @@
 # Process-wide llama.cpp state: backend initialisation, logging, system info.
 
+
+cdef extern from "ggml-backend.h" nogil:
+    cdef struct ggml_backend_reg:
+        pass
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
+    cdef struct ggml_backend_feature:
+        const char * name
+        const char * value
+    ctypedef ggml_backend_feature * (*ggml_backend_get_features_t)(ggml_backend_reg_t reg)
+
+    void ggml_backend_load_all_from_path(const char * dir_path)
+    ggml_backend_dev_t ggml_backend_dev_by_type(ggml_backend_dev_type type)
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
+    void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
+
+
+cdef extern from *:
+    """
+    #include <dlfcn.h>
+    /* The file of the shared library that holds addr (NULL if unknown): tells
+     * which CPU backend module ggml picked. */
+    static const char *xy_library_of(void *addr) {
+        Dl_info info;
+        if (addr != NULL && dladdr(addr, &info) && info.dli_fname != NULL) return info.dli_fname;
+        return NULL;
+    }
+    """
+    const char * xy_library_of(void * addr) nogil
+
+
 LOG_LEVELS = {
     "debug": GGML_LOG_LEVEL_DEBUG,
     "info": GGML_LOG_LEVEL_INFO,
@@ -33,25 +63,73 @@ cdef str take_log_tail():
     return buf[:n].decode("utf-8", "replace").strip()
 
 
-cdef void ensure_backend():
+cdef int ensure_backend() except -1:
     """Initialise llama.cpp once per process. It is never torn down: the OS
     reclaims it at exit, and re-initialising after a free is not supported."""
     global _backend_ready
     if _backend_ready:
-        return
+        return 0
     with _backend_lock:
         if _backend_ready:
-            return
+            return 0
         llama_log_set(xy_log_callback, NULL)
         set_log_level(os.environ.get("XYBRID_LOG_LEVEL", "none").lower())
+        from xybrid._build_info import BACKEND_DL
+        if BACKEND_DL:
+            _load_backends()
         llama_backend_init()
         _backend_ready = True
+    return 0
+
+
+cdef int _load_backends() except -1:
+    """Portable builds: load ggml's backends from this package's own folder.
+
+    Only that folder is searched, never the current directory or the
+    interpreter's (ggml's default search path); ggml scores every
+    libggml-cpu-<variant> module there against this CPU and keeps the best.
+    """
+    native_dir = os.path.dirname(os.path.abspath(__file__))
+    cdef bytes bdir = os.fsencode(native_dir)
+    ggml_backend_load_all_from_path(bdir)
+    if ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU) == NULL:
+        found = sorted(f for f in os.listdir(native_dir) if f.startswith("libggml-cpu"))
+        raise XybridError(
+            f"no ggml CPU backend could be loaded from {native_dir} (found {found}); "
+            f"the installation is incomplete: reinstall xybrid")
+    return 0
 
 
 def system_info():
     """llama.cpp's description of the CPU features and backends in use."""
     ensure_backend()
     return llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def cpu_backend():
+    """The CPU backend in use: a dict with ``variant`` (the CPU generation a
+    portable build picked at run time, e.g. "haswell" or "zen4"; None for a
+    build with one built-in CPU backend), ``library`` (its file) and
+    ``features`` (the instruction sets it was compiled for)."""
+    ensure_backend()
+    cdef ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    cdef ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev) if dev != NULL else NULL
+    cdef void * fn = ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features") if reg != NULL else NULL
+    cdef const char * lib = xy_library_of(fn)
+    cdef ggml_backend_feature * feat
+    features = {}
+    if fn != NULL:
+        feat = (<ggml_backend_get_features_t> fn)(reg)
+        while feat != NULL and feat.name != NULL:
+            features[feat.name.decode("utf-8", "replace")] = feat.value.decode("utf-8", "replace")
+            feat += 1
+    library = os.fsdecode(lib) if lib != NULL else None
+    variant = None
+    if library is not None:
+        stem = os.path.basename(library).split(".")[0]  # libggml-cpu-zen4.so -> libggml-cpu-zen4
+        if stem.startswith("libggml-cpu-"):
+            variant = stem[len("libggml-cpu-"):]
+    return {"variant": variant, "library": library, "features": features}
 
 
 def supports_gpu_offload():

