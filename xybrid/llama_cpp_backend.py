@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from xybrid._native import _engine
-from xybrid.backend import LlmBackend, MessageLike, StreamingCallback
+from xybrid.backend import LlmBackend, MessageLike, StreamingCallback, stream_in_thread
 from xybrid.chat_templates import ChatTemplate, resolve_chat_template
 from xybrid.errors import (
     IntegrityError,
@@ -170,6 +170,7 @@ class LlamaCppBackend(LlmBackend):
         self._loaded: _Loaded | None = None
         self._cache = PrefixCacheState()
         self._waiting = 0  # single-sequence callers waiting for the lock
+        self._waiting_guard = threading.Lock()  # `+=` on an attribute is not atomic
         self._last_cached: int | None = None  # batched: the latest request's reuse
         # Batched requests in flight, for cancel().
         self._in_flight: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -461,9 +462,7 @@ class LlamaCppBackend(LlmBackend):
         config = check_config(config)
         loaded = self._loaded
         if loaded is None or loaded.scheduler is None:
-            from xybrid.backend import _stream_async
-
-            async for piece in _stream_async(lambda: self.stream_raw(prompt, config)):
+            async for piece in stream_in_thread(lambda: self.stream_raw(prompt, config)):
                 yield piece
             return
         async for piece in self._astream_batched(prepare, config):
@@ -588,22 +587,9 @@ class LlamaCppBackend(LlmBackend):
                 finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
                 abandon=lambda: self._forget(loaded))
 
-    def _locked(self) -> Any:
+    def _locked(self) -> _Hold:
         """The backend lock, counting the callers that wait for it (stats)."""
-        backend = self
-
-        class _Hold:
-            def __enter__(self) -> None:
-                backend._waiting += 1
-                try:
-                    backend._lock.acquire()
-                finally:
-                    backend._waiting -= 1
-
-            def __exit__(self, *exc: object) -> None:
-                backend._lock.release()
-
-        return _Hold()
+        return _Hold(self)
 
     def _apply_plan(self, loaded: _Loaded, prepared: PreparedRequest,
                     config: GenerationConfig) -> tuple[list[int], int, int | None]:
@@ -772,6 +758,27 @@ class LlamaCppBackend(LlmBackend):
                 f"{what}() saves and restores the one sequence of a parallel=1 backend; this "
                 f"backend runs {loaded.config.parallel} slots (load it with parallel=1)")
         return loaded
+
+
+class _Hold:
+    """Holds a backend's lock for one single-sequence call; while it waits
+    for the lock it counts in the backend's ``_waiting`` (``stats()["queued"]``)."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self.backend = backend
+
+    def __enter__(self) -> None:
+        b = self.backend
+        with b._waiting_guard:
+            b._waiting += 1
+        try:
+            b._lock.acquire()
+        finally:
+            with b._waiting_guard:
+                b._waiting -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.backend._lock.release()
 
 
 _Prepare = Callable[[ModelView, GenerationConfig], PreparedRequest]
