@@ -18,7 +18,7 @@ from typing import Any, Mapping, TypeVar, Union
 
 from xybrid.types import ChatMessage, GenerationConfig, GenerationOutput, LlmConfig, PartialToken
 
-__all__ = ["LlmBackend", "MessageLike", "StreamingCallback"]
+__all__ = ["LlmBackend", "MessageLike", "StreamingCallback", "stream_in_thread"]
 
 MessageLike = Union[ChatMessage, Mapping[str, Any]]
 """A :class:`ChatMessage` or an OpenAI-style ``{"role": ..., "content": ...}`` dict."""
@@ -119,7 +119,7 @@ class LlmBackend(ABC):
         self, messages: Sequence[MessageLike], config: GenerationConfig | None = None
     ) -> AsyncIterator[PartialToken]:
         """Async version of :meth:`stream`: the event loop never blocks on the model."""
-        async for piece in _stream_async(lambda: self.stream(messages, config)):
+        async for piece in stream_in_thread(lambda: self.stream(messages, config)):
             yield piece
 
     # --- facts ----------------------------------------------------------------------
@@ -191,33 +191,43 @@ def _stream_via_callback(
         worker.join()
 
 
-async def _stream_async(make: Callable[[], Iterator[PartialToken]]) -> AsyncIterator[PartialToken]:
+async def stream_in_thread(make: Callable[[], Iterator[PartialToken]]) -> AsyncIterator[PartialToken]:
     """Drive a blocking piece iterator on a helper thread and hand its pieces
-    to the event loop; closing early stops the iterator."""
+    to the event loop as an async generator. Closing it early stops the
+    iterator at its next piece (closing it, which cancels the generation) and
+    waits for the thread without blocking the loop."""
     import asyncio  # here: a program that never streams asynchronously does not pay for asyncio
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     stop = threading.Event()
 
+    def post(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+            pass
+
     def pump() -> None:
         pieces: Any = None
         try:
+            if stop.is_set():  # closed before the thread started
+                return
             # Inside the try: a stream() that validates eagerly raises
             # here, and the consumer must get that error, not wait forever.
             pieces = make()
             for piece in pieces:
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
                 if stop.is_set():
                     break
+                post(("piece", piece))
         except BaseException as exc:  # re-raised in the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            post(("error", exc))
             return
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
-        loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+        post(("done", None))
 
     worker = threading.Thread(target=pump, name="xybrid-astream", daemon=True)
     worker.start()

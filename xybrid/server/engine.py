@@ -9,7 +9,6 @@ whatever the engine does underneath.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from xybrid.backend import stream_in_thread
 from xybrid.errors import ModelNotLoadedError, OverloadedError
 from xybrid.server.settings import ServerSettings
 from xybrid.types import GenerationConfig, LlmConfig, PartialToken
@@ -147,55 +147,10 @@ class Engine:
 
 
 def iterate_in_thread(make: Callable[[], Iterator[PartialToken]]) -> AsyncIterator[PartialToken]:
-    """Drive a blocking generator on a worker thread, as an async generator.
-    Closing it closes the generator (the engine cancels the sequence) at its
-    next piece, within one decode step."""
-    return _iterate(make)
-
-
-async def _iterate(make: Callable[[], Iterator[PartialToken]]) -> AsyncIterator[PartialToken]:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def post(item: tuple[str, Any]) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
-            pass
-
-    def pump() -> None:
-        pieces: Any = None
-        try:
-            if stop.is_set():
-                return
-            pieces = make()
-            for piece in pieces:
-                if stop.is_set():
-                    break
-                post(("piece", piece))
-        except BaseException as exc:
-            post(("error", exc))
-            return
-        finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
-        post(("done", None))
-
-    worker = threading.Thread(target=pump, name="xybrid-serve-stream", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "piece":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-    finally:
-        stop.set()
+    """Drive a blocking generator on a worker thread, as an async generator
+    (:func:`xybrid.backend.stream_in_thread`). Closing it closes the
+    generator (the engine cancels the sequence) at its next piece."""
+    return stream_in_thread(make)
 
 
 def astream_raw(backend: Any, prompt: str | list[int],
