@@ -97,9 +97,10 @@ cdef void sched_end(SchedState * S, int32_t i, bint drop_cache) noexcept nogil:
     sched_release(S, g)
 
 
-cdef void sched_plan(SchedState * S, int32_t i, GenState * g) noexcept nogil:
-    """Set up slot ``i``'s cache for ``g``'s prompt: keep the common prefix,
-    or share a longer one from another slot; decode only the rest."""
+cdef void sched_plan(SchedState * S, int32_t i, GenState * g, int32_t lcp) noexcept nogil:
+    """Set up slot ``i``'s cache for ``g``'s prompt: keep the common prefix
+    (``lcp``, which admission measured), or share a longer one from another
+    slot; decode only the rest."""
     cdef Slot * slot = &S.slots[i]
     cdef llama_memory_t mem = llama_get_memory(S.ctx)
     cdef int32_t cap = g.n_prompt - 1   # at least one token is decoded, for logits
@@ -109,7 +110,7 @@ cdef void sched_plan(SchedState * S, int32_t i, GenState * g) noexcept nogil:
         slot.n_cells = 0
         slot.n_pos = 0
     else:
-        keep = common_prefix(slot.cells, slot.n_cells, g.prompt, g.n_prompt)
+        keep = lcp
         if keep > cap:
             keep = cap
         best = keep
@@ -168,7 +169,7 @@ cdef void sched_admit(SchedState * S) noexcept nogil:
         S.n_running += 1
         S.n_admitted += 1
         g.t_start_ns = now
-        sched_plan(S, best, g)
+        sched_plan(S, best, g, l)
         pthread_cond_broadcast(&S.cond_room)
 
 
