@@ -30,7 +30,8 @@ from pathlib import Path
 
 
 def cmake_args(
-    source: Path, native: bool, cuda: bool, build_type: str, cuda_architectures: str = ""
+    source: Path, native: bool, cuda: bool, build_type: str, cuda_architectures: str = "",
+    rpc: bool = False,
 ) -> list[str]:
     args = [
         f"-DCMAKE_BUILD_TYPE={build_type}",
@@ -50,6 +51,10 @@ def cmake_args(
         f"-DGGML_BACKEND_DL={'OFF' if native else 'ON'}",
         f"-DGGML_CPU_ALL_VARIANTS={'OFF' if native else 'ON'}",
         f"-DGGML_CUDA={'ON' if cuda else 'OFF'}",
+        # The RPC backend over plain TCP: RDMA would link libibverbs, which a
+        # wheel cannot assume on the machine it is installed on.
+        f"-DGGML_RPC={'ON' if rpc else 'OFF'}",
+        "-DGGML_RPC_RDMA=OFF",
         # ggml's own thread pool instead of OpenMP: each xybrid Context owns a
         # pool, so decode speed does not depend on which thread calls
         # llama_decode (libgomp slows down once a second thread has decoded;
@@ -114,6 +119,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--native", choices=["true", "false"], default="true")
     parser.add_argument("--cuda", choices=["true", "false"], default="false")
+    parser.add_argument("--rpc", choices=["true", "false"], default="false")
     parser.add_argument("--cuda-architectures", default="",
                         help="CMAKE_CUDA_ARCHITECTURES ('' = native, or llama.cpp's list when portable)")
     parser.add_argument("--build-type", default="Release")
@@ -124,13 +130,17 @@ def main() -> int:
     source = opts.source.resolve()
     build = opts.build.resolve()
     args = cmake_args(source, opts.native == "true", opts.cuda == "true", opts.build_type,
-                      opts.cuda_architectures)
+                      opts.cuda_architectures, rpc=opts.rpc == "true")
     generator = "Ninja" if shutil.which("ninja") else None
     if shutil.which("ccache"):
         ccache_base_dir(source, build)
     configure(source, build, args, generator)
 
     targets = ["llama", "mtmd"]
+    if opts.rpc == "true":
+        # Linked into libggml in a native build, but a module of its own
+        # (loaded at run time) in a portable one: name it either way.
+        targets.append("ggml-rpc")
     jobs = opts.jobs or os.cpu_count() or 2
     subprocess.run(
         ["cmake", "--build", str(build), "--parallel", str(jobs), "--target", *targets],

@@ -3,5 +3,6 @@ VERSION: str
 LLAMA_CPP_COMMIT: str
 NATIVE: bool
 CUDA: bool
+RPC: bool
 BACKEND_DL: bool
 BUILD_TYPE: str
