@@ -34,6 +34,7 @@ from xybrid.errors import (
     ModelNotFoundError,
     ModelNotLoadedError,
     OverloadedError,
+    RemoteServerError,
     UnsupportedInputError,
     XybridError,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "ModelNotLoadedError",
     "OverloadedError",
     "PartialToken",
+    "RemoteServerError",
     "UnsupportedInputError",
     "XybridError",
     "default_model_path",

@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedInputError",
     "IntegrityError",
     "OverloadedError",
+    "RemoteServerError",
     "ToolCallError",
     "SessionStateError",
 ]
@@ -67,6 +68,17 @@ class GenerationError(XybridError, RuntimeError):
 
 class OverloadedError(XybridError, RuntimeError):
     """Every slot is busy and the admission queue is full: retry later."""
+
+
+class RemoteServerError(XybridError, ConnectionError):
+    """An RPC server (``xybrid rpc-server``) did not answer, speaks another
+    protocol version, or was lost during a call. ``endpoint`` is its
+    "host:port" when known. After a loss mid-call the model must be loaded
+    again; the backend stays usable for that."""
+
+    def __init__(self, message: str, *, endpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
 
 
 class ToolCallError(GenerationError):

@@ -2,9 +2,6 @@
 
 
 cdef extern from "ggml-backend.h" nogil:
-    cdef struct ggml_backend_reg:
-        pass
-    ctypedef ggml_backend_reg * ggml_backend_reg_t
     cdef struct ggml_backend_feature:
         const char * name
         const char * value

@@ -303,6 +303,8 @@ cdef class Context:
         with nogil:
             rc = mtmd_helper_eval_chunks(mm.ptr, self.ptr, chunks.ptr, n_past, seq_id,
                                          self.n_batch_alloc, True, &new_n_past)
+        if xy_rpc_lost(self.model.rpc_base):
+            raise rpc_lost_error("while evaluating the multimodal prompt")
         if rc != 0:
             reason = take_log_tail()
             raise GenerationError(f"evaluating the multimodal prompt failed (code {rc})"
@@ -368,7 +370,9 @@ cdef class Context:
             if use_encoder:
                 rc = llama_encode(self.ptr, self.batch)
             else:
-                rc = llama_decode(self.ptr, self.batch)
+                rc = xy_decode(self.ptr, self.batch, self.model.rpc_base)
+        if rc == XY_RC_RPC_LOST:
+            raise rpc_lost_error("while computing embeddings")
         if rc != 0:
             raise GenerationError(f"embedding decode failed with code {rc}" + _decode_hint(rc))
         out = bytearray(n_seq * n_embd * sizeof(float))
@@ -409,7 +413,9 @@ cdef class Context:
                 buf[i] = t
             with nogil:
                 rc = decode_tokens(self.ptr, &self.batch, self.n_batch_alloc, buf, <int32_t> n,
-                                   pos0, seq_id, logits_last, NULL)
+                                   pos0, seq_id, logits_last, NULL, self.model.rpc_base)
+            if rc == XY_RC_RPC_LOST:
+                raise rpc_lost_error("during decode")
             if rc != 0:
                 raise GenerationError(f"llama_decode failed with code {rc}" + _decode_hint(rc))
         finally:
@@ -550,9 +556,11 @@ cdef class Context:
 
 cdef int32_t decode_tokens(llama_context * ctx, llama_batch * batch, int32_t n_batch,
                            const llama_token * tokens, int32_t n_tokens, llama_pos pos0,
-                           llama_seq_id seq_id, bint logits_last, const int * cancel) noexcept nogil:
+                           llama_seq_id seq_id, bint logits_last, const int * cancel,
+                           uint64_t rpc_base) noexcept nogil:
     """Decode tokens in chunks of n_batch; return llama_decode's first non-zero
-    code, 2 (aborted) when ``cancel`` becomes set between chunks, else 0."""
+    code (XY_RC_RPC_LOST: an RPC server of the model was lost), 2 (aborted)
+    when ``cancel`` becomes set between chunks, else 0."""
     cdef int32_t off = 0, n, i, rc
     while off < n_tokens:
         if cancel != NULL and xy_atomic_load(cancel):
@@ -567,7 +575,7 @@ cdef int32_t decode_tokens(llama_context * ctx, llama_batch * batch, int32_t n_b
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = 1 if (logits_last and off + i == n_tokens - 1) else 0
         batch.n_tokens = n
-        rc = llama_decode(ctx, batch[0])
+        rc = xy_decode(ctx, batch[0], rpc_base)
         if rc != 0:
             return rc
         off += n

@@ -66,6 +66,29 @@ cdef extern from "engine_support.h" nogil:
 cdef extern from "engine_support.h" nogil:
     int xy_cond_wait_ms(pthread_cond_t * cond, pthread_mutex_t * mu, int ms)
 
+# ggml's RPC backend (see rpc_support.h and _rpc.pxi). Every llama_decode of
+# the engine is xy_decode, which turns a decode that ran while a remote
+# server of its model was lost into XY_RC_RPC_LOST.
+cdef extern from "rpc_support.h" nogil:
+    ctypedef ggml_backend_reg_t (*xy_rpc_add_server_fn)(const char * endpoint)
+    ctypedef void (*xy_rpc_start_server_fn)(const char * endpoint, const char * cache_dir, size_t n_threads,
+                                            size_t n_devices, ggml_backend_dev_t * devices)
+    ctypedef size_t (*xy_rpc_last_failure_fn)(char * buf, size_t size)
+    ctypedef struct xy_rpc_api_t:
+        int bound
+        xy_rpc_add_server_fn add_server
+        xy_rpc_start_server_fn start_server
+        void * failure_count
+        xy_rpc_last_failure_fn last_failure
+    xy_rpc_api_t xy_rpc_api
+    int xy_rpc_bind()
+    uint64_t XY_RPC_UNUSED
+    int32_t XY_RC_RPC_LOST
+    uint64_t xy_rpc_failures()
+    int xy_rpc_lost(uint64_t base)
+    int32_t xy_decode(llama_context * ctx, llama_batch batch, uint64_t rpc_base)
+    ggml_backend_dev_t xy_capped_device(ggml_backend_dev_t inner, size_t cap)
+
 
 
 # --- per sequence -------------------------------------------------------------------
@@ -85,6 +108,7 @@ cdef struct GenState:
     llama_batch * batch
     int32_t n_batch
     int32_t n_ctx
+    uint64_t rpc_base           # the model's RPC failure baseline (XY_RPC_UNUSED: none)
     llama_seq_id seq_id
     const llama_token * prompt
     int32_t n_prompt
@@ -157,6 +181,7 @@ cdef struct Slot:
 
 cdef struct SchedState:
     llama_context * ctx
+    uint64_t rpc_base       # the model's RPC failure baseline (XY_RPC_UNUSED: none)
     llama_batch * batch
     int32_t n_batch         # the token budget of one step and the batch capacity
     int32_t n_ctx
@@ -199,6 +224,10 @@ cdef class Model:
     cdef llama_model * ptr
     cdef const llama_vocab * vocab
     cdef int n_contexts
+    # The RPC failure count when the model loaded (XY_RPC_UNUSED without RPC
+    # servers); any other count means a server it uses was lost since.
+    cdef readonly uint64_t rpc_base
+    cdef readonly tuple rpc_devices     # dicts: name, endpoint, memory at load
     cdef readonly str path
     cdef readonly bint vocab_only
     cdef int check_open(self) except -1

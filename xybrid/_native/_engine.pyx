@@ -50,6 +50,7 @@ cdef size_t DEFAULT_BUFFER_LIMIT = 1 << 16
 cdef int DEFAULT_CHUNK_INTERVAL_US = 1000
 
 include "_backend.pxi"
+include "_rpc.pxi"
 include "_model.pxi"
 include "_sampler.pxi"
 include "_context.pxi"

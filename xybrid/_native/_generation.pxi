@@ -235,7 +235,8 @@ cdef void gen_run(GenState * g) noexcept nogil:
     g.usage_ok = xy_thread_usage(&g.usage_start) == 0
     rc = 0
     if g.n_prompt > 0:  # 0: the logits of a previous decode are ready
-        rc = decode_tokens(g.ctx, g.batch, g.n_batch, g.prompt, g.n_prompt, g.n_past, g.seq_id, True, &g.cancel)
+        rc = decode_tokens(g.ctx, g.batch, g.n_batch, g.prompt, g.n_prompt, g.n_past, g.seq_id, True,
+                           &g.cancel, g.rpc_base)
     if rc != 0:
         g.t_prefill_end_ns = xy_now_ns()
         if xy_atomic_load(&g.cancel):
@@ -254,7 +255,8 @@ cdef void gen_run(GenState * g) noexcept nogil:
         tok = xy_sample(g.smpl, g.grammar, g.ctx, -1, g.candidates, g.n_vocab, g.argmax)
         if gen_after_sample(g, -1, tok) != 0:
             return
-        rc = decode_tokens(g.ctx, g.batch, g.n_batch, &tok, 1, g.n_past, g.seq_id, True, &g.cancel)
+        rc = decode_tokens(g.ctx, g.batch, g.n_batch, &tok, 1, g.n_past, g.seq_id, True, &g.cancel,
+                           g.rpc_base)
         if rc != 0:
             if xy_atomic_load(&g.cancel):
                 gen_finish(g, REASON_CANCELLED)
@@ -375,6 +377,7 @@ cdef class Generation:
         g.batch = &context.batch
         g.n_batch = context.n_batch_alloc
         g.n_ctx = n_ctx
+        g.rpc_base = context.model.rpc_base
         g.seq_id = seq_id
         g.n_past = n_past
         g.max_tokens = max_tokens
@@ -731,9 +734,11 @@ cdef class Generation:
             return ContextOverflowError(
                 "the KV cache is full: the other running sequences hold every cell, so this "
                 "prompt cannot be decoded; retry later or raise the context length")
+        stage = "prefill" if g.error_kind == ERR_PREFILL else "decode"
+        if g.error_code == XY_RC_RPC_LOST:
+            return rpc_lost_error(f"during {stage}")
         if g.error_kind == ERR_MEDIA:
             return GenerationError(f"evaluating the multimodal prompt failed (code {g.error_code})")
-        stage = "prefill" if g.error_kind == ERR_PREFILL else "decode"
         return GenerationError(f"llama_decode failed during {stage} with code {g.error_code}"
                                + _decode_hint(g.error_code))
 

@@ -3,10 +3,15 @@
 cdef class Model:
     """A GGUF model loaded by llama.cpp.
 
-    ``Model(path, gpu_layers=0, use_mmap=True, vocab_only=False)``. The file
-    must exist and be a GGUF that this llama.cpp understands; otherwise
+    ``Model(path, gpu_layers=0, use_mmap=True, vocab_only=False,
+    rpc_servers=(), tensor_split=())``. The file must exist and be a GGUF
+    that this llama.cpp understands; otherwise
     :class:`~xybrid.errors.ModelNotFoundError` or
     :class:`~xybrid.errors.ModelLoadError` (quoting llama.cpp's reason).
+
+    ``rpc_servers`` ("host:port" each, already probed by xybrid.rpc) are the
+    only devices ``gpu_layers`` are offloaded to, split by ``tensor_split``
+    (one weight per device, in order; empty: by the memory each reports).
     """
 
 
@@ -14,8 +19,11 @@ cdef class Model:
         self.ptr = NULL
         self.vocab = NULL
         self.n_contexts = 0
+        self.rpc_base = XY_RPC_UNUSED
+        self.rpc_devices = ()
 
-    def __init__(self, path, *, int gpu_layers=0, bint use_mmap=True, bint vocab_only=False):
+    def __init__(self, path, *, int gpu_layers=0, bint use_mmap=True, bint vocab_only=False,
+                 rpc_servers=(), tensor_split=()):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"model path must be a str or os.PathLike, got {type(path).__name__}")
         path = os.fspath(path)
@@ -38,9 +46,43 @@ cdef class Model:
         params.load_mode = LLAMA_LOAD_MODE_MMAP if use_mmap else LLAMA_LOAD_MODE_NONE
         cdef bytes bpath = os.fsencode(path)
         cdef const char * cpath = bpath
-        take_log_tail()
-        with nogil:
-            self.ptr = llama_model_load_from_file(cpath, params)
+        cdef size_t max_dev = llama_max_devices()
+        cdef ggml_backend_dev_t * devs = NULL
+        cdef float * split = NULL
+        cdef int n_dev = 0, i
+        cdef uint64_t rpc_base = XY_RPC_UNUSED
+        rpc_info = []
+        try:
+            if rpc_servers:
+                ensure_rpc()
+                devs = <ggml_backend_dev_t *> calloc(max_dev + 1, sizeof(ggml_backend_dev_t))
+                split = <float *> calloc(max_dev, sizeof(float))
+                if devs == NULL or split == NULL:
+                    raise MemoryError()
+                rpc_base = xy_rpc_failures()
+                n_dev = rpc_add_devices(list(rpc_servers), devs, max_dev, rpc_info)
+                params.devices = devs   # NULL-terminated by calloc
+                if tensor_split:
+                    if len(tensor_split) != n_dev:
+                        raise InvalidInputError(
+                            f"tensor_split has {len(tensor_split)} entries but the RPC servers "
+                            f"offer {n_dev} device(s): give one weight per device, in order")
+                    for i in range(n_dev):
+                        split[i] = tensor_split[i]
+                    params.tensor_split = split
+            take_log_tail()
+            with nogil:
+                self.ptr = llama_model_load_from_file(cpath, params)
+        finally:
+            free(devs)
+            free(split)
+        if rpc_servers and xy_rpc_lost(rpc_base):
+            if self.ptr != NULL:
+                llama_model_free(self.ptr)
+                self.ptr = NULL
+            raise rpc_lost_error("while loading the model")
+        self.rpc_base = rpc_base
+        self.rpc_devices = tuple(rpc_info)
         if self.ptr == NULL:
             reason = take_log_tail()
             raise ModelLoadError(
@@ -72,6 +114,12 @@ cdef class Model:
     @property
     def closed(self):
         return self.ptr == NULL
+
+    @property
+    def rpc_lost(self):
+        """True when an RPC server this model uses was lost since it loaded:
+        its results can no longer be trusted, it must be loaded again."""
+        return bool(xy_rpc_lost(self.rpc_base))
 
     def __enter__(self):
         return self

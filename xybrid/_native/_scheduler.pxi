@@ -281,6 +281,8 @@ cdef void sched_eval_media(SchedState * S, int32_t i) noexcept nogil:
     cdef int32_t rc = mtmd_helper_eval_chunks(
         <mtmd_context *> g.mm_ctx, S.ctx, <const mtmd_input_chunks *> g.mm_chunks,
         0, i, S.n_batch, True, &new_n_past)
+    if rc == 0 and xy_rpc_lost(S.rpc_base):
+        rc = XY_RC_RPC_LOST
     g.t_prefill_end_ns = xy_now_ns()
     S.slots[i].n_cells = 0      # media positions are not token ids: never reused
     S.slots[i].n_pos = new_n_past
@@ -379,7 +381,7 @@ cdef void sched_step(SchedState * S, int32_t * hold_prefill) noexcept nogil:
     if b.n_tokens == 0:
         return
 
-    rc = llama_decode(S.ctx, b[0])
+    rc = xy_decode(S.ctx, b[0], S.rpc_base)
     if rc != 0:
         for i in range(S.n_slots):
             if S.slots[i].g != NULL:
@@ -545,6 +547,7 @@ cdef class Scheduler:
                 f"({n_slots}): every generating sequence needs a row in each step")
         S = &self.s
         S.ctx = context.ptr
+        S.rpc_base = context.model.rpc_base
         S.batch = &context.batch
         S.n_batch = context.n_batch_alloc
         S.n_ctx = n_ctx

@@ -42,6 +42,13 @@ cdef extern from "ggml-backend.h" nogil:
     ggml_backend_dev_type ggml_backend_dev_get_type "ggml_backend_dev_type"(ggml_backend_dev_t device)
     void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
 
+    cdef struct ggml_backend_reg:
+        pass
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
+    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+
 
 cdef extern from "llama.h" nogil:
     ctypedef int32_t llama_token
@@ -98,7 +105,9 @@ cdef extern from "llama.h" nogil:
     ctypedef bint (*llama_progress_callback)(float progress, void * user_data)
 
     cdef struct llama_model_params:
+        ggml_backend_dev_t * devices   # NULL-terminated; NULL = every device ggml knows
         int32_t n_gpu_layers
+        const float * tensor_split     # llama_max_devices() entries
         llama_load_mode load_mode
         int32_t main_gpu
         llama_progress_callback progress_callback
@@ -170,6 +179,7 @@ cdef extern from "llama.h" nogil:
     int64_t llama_time_us()
     bint llama_supports_mmap()
     bint llama_supports_gpu_offload()
+    size_t llama_max_devices()
     const char * llama_print_system_info()
 
     # --- model ------------------------------------------------------------------
