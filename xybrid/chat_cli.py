@@ -24,12 +24,15 @@ def run_chat(args: argparse.Namespace, *, stdin: TextIO | None = None,
              stdout: TextIO | None = None) -> int:
     from xybrid.cli import _model_path
     from xybrid.llama_cpp_backend import LlamaCppBackend
+    from xybrid.rpc import parse_server_list, parse_tensor_split
 
     inp = stdin or sys.stdin
     out = stdout or sys.stdout
     config = LlmConfig(
         _model_path(args.model), context_length=args.ctx_size, n_threads=args.threads,
-        gpu_layers=args.gpu_layers, chat_template=args.chat_template)
+        gpu_layers=args.gpu_layers, chat_template=args.chat_template,
+        rpc_servers=parse_server_list(getattr(args, "rpc", None)),
+        tensor_split=parse_tensor_split(getattr(args, "tensor_split", None)))
     gen = GenerationConfig(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,

@@ -1,4 +1,4 @@
-"""The ``xybrid`` command line: generate, chat, info.
+"""The ``xybrid`` command line: generate, chat, info, serve, rpc-server.
 
 ``xybrid generate "prompt"`` continues a raw prompt (BOS added, no chat
 template) on the default model or ``--model PATH`` and streams the text to
@@ -63,7 +63,18 @@ def _add_model_args(p: argparse.ArgumentParser, default_label: str = "Gemma 3 27
     p.add_argument("--threads", "-t", type=int, default=0, help="CPU threads (0 = all)")
     p.add_argument("--ctx-size", "-c", type=int, default=4096, help="context length in tokens")
     p.add_argument("--gpu-layers", "-ngl", type=int, default=0,
-                   help="layers to offload to the GPU (-1 = all)")
+                   help="layers to offload to the GPU or the RPC servers (-1 = all; with "
+                        "--rpc, 0 also means all)")
+    _add_rpc_args(p)
+
+
+def _add_rpc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT,...", default=None,
+                   help="put layers on these `xybrid rpc-server` processes (unauthenticated, "
+                        "unencrypted: trusted networks only)")
+    p.add_argument("--tensor-split", metavar="W,...", default=None,
+                   help="with --rpc: one weight per remote device, e.g. 3,1 "
+                        "(default: by the memory each reports)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
@@ -106,14 +117,52 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model and this build")
     info.add_argument("model", nargs="?", default=None, help="GGUF file (default: Gemma 3 270M)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--gpu-layers", "-ngl", type=int, default=0,
+                      help="with --rpc: layers to put on the servers (0 or -1 = all)")
+    _add_rpc_args(info)
+
+    from xybrid.rpc import DEFAULT_PORT, SECURITY_WARNING
+
+    rpc = sub.add_parser(
+        "rpc-server", help="serve this machine's CPU to clients that split a model (--rpc)",
+        description="Serve this machine's CPU to xybrid (or llama.cpp) clients that put "
+                    "some of a model's layers here with --rpc HOST:PORT. "
+                    f"WARNING: {SECURITY_WARNING}")
+    rpc.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: 127.0.0.1; anything else is reachable "
+                          "by every machine that can route to it)")
+    rpc.add_argument("--port", "-p", type=int, default=DEFAULT_PORT,
+                     help=f"TCP port (default: {DEFAULT_PORT})")
+    rpc.add_argument("--threads", "-t", type=int, default=0, help="CPU threads (0 = all cores)")
+    rpc.add_argument("--mem", type=int, default=0, metavar="MiB",
+                     help="memory to report to clients, which split layers by it "
+                          "(default: what this machine has free)")
+    rpc.add_argument("--cache", metavar="DIR", default=None,
+                     help="keep received weights on disk here, so a client loading the same "
+                          "model again sends only hashes")
     return parser
+
+
+def _rpc_model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The Model keywords of --rpc/--tensor-split, the servers probed."""
+    from xybrid import rpc
+
+    servers = rpc.parse_server_list(args.rpc)
+    split = rpc.parse_tensor_split(args.tensor_split)
+    if split and not servers:
+        raise XybridError("--tensor-split needs --rpc")
+    for server in servers:
+        rpc.probe(server)
+    if not servers:
+        return {"gpu_layers": args.gpu_layers}
+    return {"gpu_layers": args.gpu_layers or -1, "rpc_servers": servers, "tensor_split": split}
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from xybrid._native import _engine
     from xybrid.telemetry import compute_telemetry
 
-    model = _engine.Model(_model_path(args.model), gpu_layers=args.gpu_layers)
+    model = _engine.Model(_model_path(args.model), **_rpc_model_args(args))
     ctx = _engine.Context(model, n_ctx=args.ctx_size, n_threads=args.threads)
     sampler = _engine.Sampler(
         model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -158,7 +207,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from xybrid._native import _engine
 
     path = _model_path(args.model)
-    model = _engine.Model(path)
+    model = _engine.Model(path, **_rpc_model_args(args))
     template = model.chat_template()
     facts: dict[str, Any] = {
         "path": path,
@@ -178,6 +227,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cpu_backend": _cpu_variant(),
         "system_info": _engine.system_info(),
     }
+    if model.rpc_devices:
+        from xybrid.rpc import layer_placement
+
+        remote = model.rpc_devices
+        weights = [float(w) for w in args.tensor_split.split(",")] if args.tensor_split \
+            else [d["memory_free"] for d in remote]
+        where = layer_placement(model.n_layer, args.gpu_layers or -1, weights)
+        facts["devices"] = [
+            {"device": "CPU" if i < 0 else remote[i]["name"],
+             "endpoint": None if i < 0 else remote[i]["endpoint"],
+             "memory_free": None if i < 0 else remote[i]["memory_free"],
+             "layers": where.count(i)}
+            for i in range(-1, len(remote))]
     model.close()
     if args.json:
         print(json.dumps(facts, indent=2))
@@ -188,6 +250,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
             value = f"{value:,} ({value / 1e6:.0f}M)"
         elif key == "size_bytes":
             value = f"{value:,} ({value / 2**20:.1f} MiB)"
+        elif key == "devices":
+            value = "; ".join(
+                f"{d['device']}" + (f" at {d['endpoint']}" if d["endpoint"] else "")
+                + f": {d['layers']} layers" for d in value)
         print(f"{key.replace('_', ' '):<{width}}  {value}")
     return 0
 
@@ -200,6 +266,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
         args.model = str(default_chat_model_path())
     return run_chat(args)
+
+
+def _cmd_rpc_server(args: argparse.Namespace) -> int:
+    from xybrid import rpc
+
+    print(f"xybrid rpc-server: {rpc.SECURITY_WARNING}", file=sys.stderr)
+    rpc.serve(args.host, args.port, threads=args.threads, mem_mib=args.mem, cache_dir=args.cache)
+    return 1  # serve() returns only by raising; never reached
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -223,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"generate": _cmd_generate, "info": _cmd_info, "chat": _cmd_chat,
-                "serve": _cmd_serve}
+                "serve": _cmd_serve, "rpc-server": _cmd_rpc_server}
     try:
         return handlers[args.command](args)
     except XybridError as exc:

@@ -39,6 +39,7 @@ from xybrid.errors import (
     IntegrityError,
     InvalidInputError,
     ModelNotLoadedError,
+    RemoteServerError,
     ToolCallError,
     UnsupportedInputError,
     XybridError,
@@ -125,6 +126,9 @@ class Capabilities:
     accelerator: str
     gpu_layers: int
     devices: tuple[str, ...] = field(default=())
+    # Where the layers are: one entry per device holding any, the local CPU
+    # first: {"device", "endpoint" (RPC servers), "layers"} (see xybrid.rpc).
+    placement: tuple[dict[str, Any], ...] = field(default=())
 
 
 def sha256_file(path: str | Path) -> str:
@@ -196,6 +200,9 @@ class LlamaCppBackend(LlmBackend):
 
     # --- lifecycle ---------------------------------------------------------------
     def load(self, config: LlmConfig) -> None:
+        """Load ``config``'s model, then free the one it replaces (so a failed
+        load keeps the old one). With ``rpc_servers`` the old model is freed
+        first when it uses any of the same servers: each serves one client."""
         if not isinstance(config, LlmConfig):
             raise InvalidInputError(f"load() needs an LlmConfig, got {type(config).__name__}")
         path = resolve_model_path(config.model_path)
@@ -212,7 +219,23 @@ class LlamaCppBackend(LlmBackend):
             raise InvalidInputError(
                 f"LlmConfig.parallel ({config.parallel}) must not exceed n_batch "
                 f"({config.n_batch}): every running sequence needs a row in each decode")
-        model = _engine.Model(str(path), gpu_layers=config.gpu_layers, use_mmap=config.use_mmap)
+        gpu_layers = config.gpu_layers
+        if config.rpc_servers:
+            from xybrid import rpc
+
+            # A server serves one client (connection) at a time: the model
+            # loaded now lets go of the servers before the new one asks.
+            held = self._loaded
+            if held is not None and set(held.config.rpc_servers) & set(config.rpc_servers):
+                self.unload()
+
+            # Each server answers the handshake (with a timeout, naming it
+            # if not) before ggml, which would wait for good, connects.
+            for server in config.rpc_servers:
+                rpc.probe(server)
+            gpu_layers = gpu_layers or -1  # the servers are the point: offload by default
+        model = _engine.Model(str(path), gpu_layers=gpu_layers, use_mmap=config.use_mmap,
+                              rpc_servers=config.rpc_servers, tensor_split=config.tensor_split)
         multimodal = context = scheduler = None
         try:
             if mmproj is not None:
@@ -267,10 +290,20 @@ class LlamaCppBackend(LlmBackend):
         if previous is not None:
             _free(previous)
 
-    def _require(self) -> _Loaded:
+    def _require(self, live: bool = False) -> _Loaded:
+        """The loaded model; with ``live``, for a call that computes, also
+        refuse one that lost an RPC server (its weights there are gone)."""
         loaded = self._loaded
         if loaded is None:
             raise ModelNotLoadedError("no model is loaded: call load(LlmConfig(...)) first")
+        if live and loaded.config.rpc_servers and loaded.model.rpc_lost:
+            from xybrid._native import _engine
+
+            endpoint, _, reason = _engine.rpc_last_failure().partition(": ")
+            raise RemoteServerError(
+                f"the model lost RPC server {endpoint or '(unknown)'} ({reason or 'no reason'}): "
+                f"load it again (backend.load) once the server is back",
+                endpoint=endpoint or None)
         return loaded
 
     # --- facts ----------------------------------------------------------------------
@@ -313,7 +346,20 @@ class LlamaCppBackend(LlmBackend):
         n_layer = int(loaded.model.n_layer)
         wanted = loaded.config.gpu_layers
         offloaded = 0
-        if _engine.supports_gpu_offload():
+        placement: tuple[dict[str, Any], ...] = ()
+        remote = loaded.model.rpc_devices
+        if remote:
+            from xybrid.rpc import layer_placement
+
+            weights = loaded.config.tensor_split or [d["memory_free"] for d in remote]
+            where = layer_placement(n_layer, wanted or -1, weights)
+            offloaded = sum(1 for w in where if w >= 0)
+            placement = tuple(
+                {"device": "CPU" if i < 0 else remote[i]["name"],
+                 "endpoint": None if i < 0 else remote[i]["endpoint"],
+                 "layers": where.count(i)}
+                for i in range(-1, len(remote)) if where.count(i))
+        elif _engine.supports_gpu_offload():
             offloaded = n_layer + 1 if wanted < 0 else min(wanted, n_layer + 1)
         return Capabilities(
             model_label=self.model_label,
@@ -325,7 +371,9 @@ class LlamaCppBackend(LlmBackend):
             thinking="<think>" in source or "enable_thinking" in source,
             accelerator=execution_provider(),
             gpu_layers=offloaded,
-            devices=tuple(d["description"] for d in _engine.devices()),
+            devices=tuple(d["description"] for d in _engine.devices())
+            + tuple(f"{d['name']} ({d['endpoint']})" for d in remote),
+            placement=placement,
         )
 
     def memory_usage(self) -> int | None:
@@ -492,7 +540,7 @@ class LlamaCppBackend(LlmBackend):
                 raise InvalidInputError(
                     f"config has {len(configs)} entries for {len(requests)} requests")
         prepares = [_raw(r) if raw else _chat(r) for r in requests]
-        loaded = self._require()
+        loaded = self._require(live=True)
         results: list[Any] = []
         if loaded.scheduler is None:
             for prepare, cfg in zip(prepares, configs):
@@ -535,11 +583,11 @@ class LlamaCppBackend(LlmBackend):
     def _call(self, prepare: _Prepare, config: GenerationConfig | None,
               on_token: StreamingCallback | None) -> GenerationOutput:
         config = check_config(config)
-        loaded = self._require()
+        loaded = self._require(live=True)
         if loaded.scheduler is not None:
             return self._call_batched(prepare, config, on_token)
         with self._locked():
-            loaded = self._require()
+            loaded = self._require(live=True)
             prepared = prepare(loaded.view, config)
             # The sampler (which can refuse the grammar) before any cache
             # surgery: a refused request leaves the cache as it was.
@@ -565,7 +613,7 @@ class LlamaCppBackend(LlmBackend):
         """The generator behind :meth:`stream` and :meth:`stream_raw`. On the
         single-sequence path it holds the lock from the first ``next()``
         until it is exhausted or closed."""
-        loaded = self._require()
+        loaded = self._require(live=True)
         if loaded.scheduler is not None:
             prepared, gen = self._submit(prepare, config, streaming=True)
             yield from _drive_iter(gen, prepared,
@@ -573,7 +621,7 @@ class LlamaCppBackend(LlmBackend):
                                    abandon=_nothing)
             return
         with self._locked():
-            loaded = self._require()
+            loaded = self._require(live=True)
             prepared = prepare(loaded.view, config)
             sampler = make_sampler(loaded.model, config)
             tail, n_past, start_ns = self._apply_plan(loaded, prepared, config)
@@ -656,7 +704,7 @@ class LlamaCppBackend(LlmBackend):
         freed while its tokenizer and template run. The decode runs after,
         without it."""
         with self._lock:
-            loaded = self._require()
+            loaded = self._require(live=True)
             prepared = prepare(loaded.view, config)
             sampler = make_sampler(loaded.model, config)
             media = {}
@@ -752,7 +800,7 @@ class LlamaCppBackend(LlmBackend):
         self.load_state(read_session_file(path))
 
     def _single_sequence(self, what: str) -> _Loaded:
-        loaded = self._require()
+        loaded = self._require(live=True)
         if loaded.scheduler is not None:
             raise UnsupportedInputError(
                 f"{what}() saves and restores the one sequence of a parallel=1 backend; this "

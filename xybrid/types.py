@@ -71,6 +71,45 @@ def _as_finite_float(owner: str, name: str, value: object, requirement: str) -> 
     return number
 
 
+# llama.cpp splits a model over at most this many devices (llama_max_devices).
+MAX_RPC_SERVERS: Final[int] = 16
+
+
+def _check_rpc_servers(owner: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Iterable):
+        raise _fail(owner, "rpc_servers", "'host:port' strings", value)
+    servers = tuple(value)
+    if len(servers) > MAX_RPC_SERVERS:
+        raise _fail(owner, "rpc_servers", f"at most {MAX_RPC_SERVERS} servers", len(servers))
+    if servers:
+        from xybrid.rpc import parse_endpoint  # not imported by configs without servers
+
+        for server in servers:
+            try:
+                parse_endpoint(server)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{owner}.rpc_servers: {exc}") from None
+        if len(set(servers)) != len(servers):
+            raise _fail(owner, "rpc_servers", "distinct servers", servers)
+    return servers
+
+
+def _check_tensor_split(owner: str, value: object) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise _fail(owner, "tensor_split", "numbers, one weight per RPC device", value)
+    weights = tuple(
+        _as_finite_float(owner, "tensor_split", w, "finite numbers >= 0") for w in value)
+    if any(w < 0 for w in weights):
+        raise _fail(owner, "tensor_split", "finite numbers >= 0", value)
+    if weights and sum(weights) <= 0:
+        raise _fail(owner, "tensor_split", "weights with a positive sum", value)
+    if len(weights) > MAX_RPC_SERVERS:
+        raise _fail(owner, "tensor_split", f"at most {MAX_RPC_SERVERS} weights", len(weights))
+    return weights
+
+
 PREFIX_REUSE_MODES = ("exact", "longest")
 
 
@@ -267,6 +306,13 @@ class LlmConfig:
     into one ``llama_decode`` per step. ``1`` (default) runs one request at
     a time on the single-sequence loop. ``max_queued`` bounds the requests
     waiting for a free slot; one more raises :class:`OverloadedError`.
+
+    ``rpc_servers`` ("host:port" each, ``xybrid rpc-server`` processes)
+    puts layers on other machines: ``gpu_layers`` of them (``0``, the
+    default, then means every layer; a positive number keeps the first
+    layers on the local CPU), split over the servers' devices by
+    ``tensor_split`` (one weight per device, in order; empty: by the memory
+    each reports). See :mod:`xybrid.rpc` for the security caveat.
     """
 
     model_path: str
@@ -284,6 +330,8 @@ class LlmConfig:
     mmproj_sha256: str | None
     parallel: int
     max_queued: int
+    rpc_servers: tuple[str, ...]
+    tensor_split: tuple[float, ...]
 
     def __init__(
         self,
@@ -303,6 +351,8 @@ class LlmConfig:
         mmproj_sha256: str | None = None,
         parallel: int = 1,
         max_queued: int = 64,
+        rpc_servers: Iterable[str] | str = (),
+        tensor_split: Iterable[float] = (),
     ) -> None:
         owner = "LlmConfig"
         if isinstance(mmproj_path, os.PathLike):
@@ -335,7 +385,11 @@ class LlmConfig:
             "max_queued": _check_int(
                 owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)"
             ),
+            "rpc_servers": _check_rpc_servers(owner, rpc_servers),
+            "tensor_split": _check_tensor_split(owner, tensor_split),
         }
+        if values["tensor_split"] and not values["rpc_servers"]:
+            raise InvalidInputError(f"{owner}.tensor_split is set but rpc_servers is not")
         for name, value in values.items():
             object.__setattr__(self, name, value)
 

@@ -77,10 +77,13 @@ class Engine:
                 path = default_chat_model_path()
             else:
                 path = resolve_model_path(s.model)
+            from xybrid.rpc import parse_server_list, parse_tensor_split
+
             config = LlmConfig(path, context_length=s.ctx_size, n_threads=s.threads,
                                gpu_layers=s.gpu_layers, mmproj_path=s.mmproj,
                                chat_template=s.chat_template, parallel=s.parallel,
-                               max_queued=s.max_queued)
+                               max_queued=s.max_queued, rpc_servers=parse_server_list(s.rpc),
+                               tensor_split=parse_tensor_split(s.tensor_split))
             self.backend = LlamaCppBackend(config)
             self.model_path = Path(path)
             if not self.model_id:

@@ -41,6 +41,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     opt("--ctx-size", "ctx_size", int, "context length in tokens (shared by the slots)", "-c")
     opt("--threads", "threads", int, "CPU threads (0 = all)", "-t")
     opt("--gpu-layers", "gpu_layers", int, "layers to offload to the GPU (-1 = all)", "-ngl")
+    opt("--rpc", "rpc", str, "HOST:PORT,... of `xybrid rpc-server` processes to put layers on "
+        "(no authentication or encryption: trusted networks only)")
+    opt("--tensor-split", "tensor_split", str, "with --rpc: one weight per remote device, e.g. 3,1")
     opt("--api-key", "api_key", str, "require 'Authorization: Bearer KEY'")
     opt("--alias", "alias", str, "model id to report and accept")
     opt("--mmproj", "mmproj", str, "multimodal projector GGUF")

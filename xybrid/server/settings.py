@@ -27,6 +27,8 @@ class ServerSettings:
     ctx_size: int = 4096
     threads: int = 0  # 0: llama.cpp picks
     gpu_layers: int = 0
+    rpc: str | None = None  # "host:port,...": layers on `xybrid rpc-server` processes
+    tensor_split: str | None = None  # "3,1": one weight per remote device
     api_key: str | None = None
     alias: str | None = None  # model id reported and accepted; default: the file name
     mmproj: str | None = None
