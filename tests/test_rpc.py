@@ -407,6 +407,18 @@ def test_generate_with_rpc_flag(servers: list[RpcServer], tiny_f32: Path, tmp_pa
     assert split.stdout == local.stdout and len(local.stdout) > len(PROMPT)
 
 
+def test_chat_with_rpc_flag(servers: list[RpcServer], tmp_path: Path) -> None:
+    from xybrid.default_model import default_chat_model_path
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "xybrid", "chat", "--model", str(default_chat_model_path()),
+         "-n", "8", "--temperature", "0", "-c", "512", "-t", "1",
+         "--rpc", ",".join(s.endpoint for s in servers), "--tensor-split", "1,1"],
+        input="Say hello.\n/exit\n", capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
 def test_cli_with_a_down_server_is_one_line_error(tiny_f32: Path, tmp_path: Path) -> None:
     port = _free_port()
     proc = subprocess.run(

@@ -20,10 +20,10 @@ __all__ = ["main", "build_parser"]
 
 def _version_text() -> str:
     from xybrid import __llama_cpp_commit__, __version__
-    from xybrid._build_info import BUILD_TYPE, CUDA, NATIVE
+    from xybrid._build_info import BUILD_TYPE, CUDA, NATIVE, RPC
 
     flags = [f"native={'on' if NATIVE else 'off'}", f"cpu={_cpu_variant()}",
-             f"cuda={'on' if CUDA else 'off'}", BUILD_TYPE]
+             f"cuda={'on' if CUDA else 'off'}", f"rpc={'on' if RPC else 'off'}", BUILD_TYPE]
     return f"xybrid {__version__} (llama.cpp {__llama_cpp_commit__}; {', '.join(flags)})"
 
 
