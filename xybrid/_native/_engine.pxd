@@ -65,6 +65,8 @@ cdef extern from "engine_support.h" nogil:
 
 cdef extern from "engine_support.h" nogil:
     int xy_cond_wait_ms(pthread_cond_t * cond, pthread_mutex_t * mu, int ms)
+    int xy_sigint_arm(int * cancel)
+    void xy_sigint_disarm()
 
 # ggml's RPC backend (see rpc_support.h and _rpc.pxi). Every llama_decode of
 # the engine is xy_decode, which turns a decode that ran while a remote

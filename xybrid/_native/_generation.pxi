@@ -681,10 +681,19 @@ cdef class Generation:
         self.close()
 
     def run_inline(self):
-        """Run the whole loop on this thread with the GIL released."""
+        """Run the whole loop on this thread with the GIL released. On the
+        main thread, Ctrl-C cancels it within one decode step and raises
+        KeyboardInterrupt (see xy_sigint_arm)."""
+        cdef int armed = 0
+        if threading.current_thread() is threading.main_thread():
+            armed = xy_sigint_arm(&self.g.cancel)
         with nogil:
             gen_run(&self.g)
+        if armed:
+            xy_sigint_disarm()
         self.finish()
+        if armed:
+            PyErr_CheckSignals()  # Python's handler runs now: KeyboardInterrupt
         return self.result
 
     cdef GenerationResult build_result(self):

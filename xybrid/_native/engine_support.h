@@ -302,4 +302,51 @@ static void xy_threadpool_free(struct ggml_threadpool *pool) {
     if (pool && xy_threadpool_lookup(&new_fn, &free_fn)) free_fn(pool);
 }
 
+/* Ctrl-C during a generation that runs on the main thread with the GIL
+ * released (Context.generate without a callback). Python only looks at its
+ * signal flag when it runs bytecode, so without this the interrupt would
+ * wait for the whole generation. While armed, SIGINT sets the generation's
+ * cancel flag (the loop stops within one decode step) and is passed on to
+ * the handler that was installed, Python's, which trips its own flag so
+ * that KeyboardInterrupt is raised once the call returns.
+ * Main thread only, one generation at a time (the main thread runs one):
+ * the state below is written there and read by the handler. */
+#include <signal.h>
+static struct sigaction xy_sigint_prev;
+static int *volatile xy_sigint_cancel = NULL;
+
+static void xy_sigint_handler(int sig, siginfo_t *info, void *uctx) {
+    int *cancel = xy_sigint_cancel;
+    if (cancel != NULL) __atomic_store_n(cancel, 1, __ATOMIC_RELEASE);
+    if (xy_sigint_prev.sa_flags & SA_SIGINFO) {
+        if (xy_sigint_prev.sa_sigaction != NULL) xy_sigint_prev.sa_sigaction(sig, info, uctx);
+    } else if (xy_sigint_prev.sa_handler != SIG_DFL && xy_sigint_prev.sa_handler != SIG_IGN) {
+        xy_sigint_prev.sa_handler(sig);
+    }
+}
+
+/* 1 when armed; 0 (nothing changed) when SIGINT is ignored or left to the
+ * default action, which this must not override, or sigaction failed. */
+static int xy_sigint_arm(int *cancel) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    if (sigaction(SIGINT, NULL, &xy_sigint_prev) != 0) return 0;
+    if (!(xy_sigint_prev.sa_flags & SA_SIGINFO) &&
+        (xy_sigint_prev.sa_handler == SIG_DFL || xy_sigint_prev.sa_handler == SIG_IGN)) return 0;
+    sa.sa_sigaction = xy_sigint_handler;
+    sa.sa_flags = SA_SIGINFO | (xy_sigint_prev.sa_flags & SA_ONSTACK);
+    sigemptyset(&sa.sa_mask);
+    xy_sigint_cancel = cancel;
+    if (sigaction(SIGINT, &sa, NULL) != 0) {
+        xy_sigint_cancel = NULL;
+        return 0;
+    }
+    return 1;
+}
+
+static void xy_sigint_disarm(void) {
+    sigaction(SIGINT, &xy_sigint_prev, NULL);
+    xy_sigint_cancel = NULL;
+}
+
 #endif
