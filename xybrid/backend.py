@@ -195,12 +195,16 @@ async def stream_in_thread(make: Callable[[], Iterator[PartialToken]]) -> AsyncI
     """Drive a blocking piece iterator on a helper thread and hand its pieces
     to the event loop as an async generator. Closing it early stops the
     iterator at its next piece (closing it, which cancels the generation) and
-    waits for the thread without blocking the loop."""
+    waits for the thread without blocking the loop. An iterator with a
+    ``cancel()`` method that may be called from any thread (the streams of
+    :class:`~xybrid.LlamaCppBackend`) is cancelled at once, so a timeout or
+    a closed connection does not wait for a long prefill to end."""
     import asyncio  # here: a program that never streams asynchronously does not pay for asyncio
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     stop = threading.Event()
+    made: list[Any] = []  # the iterator, for cancel() from the loop's side
 
     def post(item: tuple[str, Any]) -> None:
         try:
@@ -216,6 +220,9 @@ async def stream_in_thread(make: Callable[[], Iterator[PartialToken]]) -> AsyncI
             # Inside the try: a stream() that validates eagerly raises
             # here, and the consumer must get that error, not wait forever.
             pieces = make()
+            made.append(pieces)
+            if stop.is_set():
+                return
             for piece in pieces:
                 if stop.is_set():
                     break
@@ -231,15 +238,21 @@ async def stream_in_thread(make: Callable[[], Iterator[PartialToken]]) -> AsyncI
 
     worker = threading.Thread(target=pump, name="xybrid-astream", daemon=True)
     worker.start()
+    ended = False
     try:
         while True:
             kind, value = await queue.get()
             if kind == "piece":
                 yield value
             elif kind == "error":
+                ended = True
                 raise value
             else:
+                ended = True
                 return
     finally:
         stop.set()
+        cancel = getattr(made[0], "cancel", None) if made and not ended else None
+        if cancel is not None:
+            cancel()
         await asyncio.to_thread(worker.join)

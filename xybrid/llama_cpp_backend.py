@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,10 +167,7 @@ class LlamaCppBackend(LlmBackend):
     """
 
     def __init__(self, config: LlmConfig | None = None) -> None:
-        # Re-entrant: a call made from inside this backend's own stream loop
-        # (same thread) then fails fast with "a generation is already running"
-        # instead of waiting for a lock its own thread holds.
-        self._lock = threading.RLock()
+        self._lock = _BackendLock()
         self._loaded: _Loaded | None = None
         self._cache = PrefixCacheState()
         self._waiting = 0  # single-sequence callers waiting for the lock
@@ -205,6 +202,7 @@ class LlamaCppBackend(LlmBackend):
         first when it uses any of the same servers: each serves one client."""
         if not isinstance(config, LlmConfig):
             raise InvalidInputError(f"load() needs an LlmConfig, got {type(config).__name__}")
+        self._lock.check_not_held()  # before the expensive part, which it would waste
         path = resolve_model_path(config.model_path)
         if config.model_sha256:
             verify_sha256(path, config.model_sha256)
@@ -269,12 +267,19 @@ class LlamaCppBackend(LlmBackend):
                 multimodal.close()
             model.close()
             raise
-        with self._lock:
-            previous, self._loaded = self._loaded, _Loaded(
-                config, path, model, context, template, bos_text, multimodal, scheduler,
-                state_bytes)
+        loaded = _Loaded(config, path, model, context, template, bos_text, multimodal, scheduler,
+                         state_bytes)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            _free(loaded)
+            raise
+        try:
+            previous, self._loaded = self._loaded, loaded
             self._cache.reset()
             self._last_cached = None
+        finally:
+            self._lock.release()
         if previous is not None:
             _free(previous)
 
@@ -405,9 +410,7 @@ class LlamaCppBackend(LlmBackend):
             return {}
         if loaded.scheduler is not None:
             return dict(loaded.scheduler.stats())
-        busy = not self._lock.acquire(blocking=False)
-        if not busy:
-            self._lock.release()
+        busy = self._lock.locked()
         return {
             "parallel": 1,
             "running": int(busy),
@@ -481,13 +484,13 @@ class LlamaCppBackend(LlmBackend):
         ``finish_reason``. Closing the generator early cancels the generation
         (on the single-sequence path the KV cache is cleared, as after any
         cancelled call)."""
-        return self._stream(_chat(messages), check_config(config))
+        return _Stream(self, _chat(messages), check_config(config))
 
     def stream_raw(self, prompt: str | Sequence[int],
                    config: GenerationConfig | None = None) -> Iterator[PartialToken]:
         """:meth:`stream` for a raw prompt (text or token ids, as for
         :meth:`generate_raw`)."""
-        return self._stream(_raw(prompt), check_config(config))
+        return _Stream(self, _raw(prompt), check_config(config))
 
     async def astream(self, messages: Sequence[MessageLike],
                       config: GenerationConfig | None = None) -> AsyncIterator[PartialToken]:
@@ -609,13 +612,16 @@ class LlamaCppBackend(LlmBackend):
                 finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
                 abandon=lambda: self._forget(loaded))
 
-    def _stream(self, prepare: _Prepare, config: GenerationConfig) -> Iterator[PartialToken]:
+    def _stream(self, prepare: _Prepare, config: GenerationConfig,
+                handle: _StreamHandle) -> Generator[PartialToken, None, None]:
         """The generator behind :meth:`stream` and :meth:`stream_raw`. On the
         single-sequence path it holds the lock from the first ``next()``
-        until it is exhausted or closed."""
+        until it is exhausted or closed. ``handle.gen`` is the native
+        generation once it runs, for :meth:`_Stream.cancel`."""
         loaded = self._require(live=True)
         if loaded.scheduler is not None:
             prepared, gen = self._submit(prepare, config, streaming=True)
+            handle.started(gen)
             yield from _drive_iter(gen, prepared,
                                    finish=lambda r: self._finish_batched(prepared, config, r),
                                    abandon=_nothing)
@@ -630,10 +636,14 @@ class LlamaCppBackend(LlmBackend):
                                         logits_ready=not tail,
                                         render_special=bool(prepared.tool_names),
                                         logprobs=config.logprobs)
-            yield from _drive_iter(
-                gen, prepared,
-                finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
-                abandon=lambda: self._forget(loaded))
+            handle.started(gen)
+            hold = self._lock
+            for piece in _drive_iter(
+                    gen, prepared,
+                    finish=lambda r: self._finish(loaded, prepared, config, r, n_past, start_ns),
+                    abandon=lambda: self._forget(loaded)):
+                yield piece
+                hold.resumed()  # the stream may go on on another thread
 
     def _locked(self) -> _Hold:
         """The backend lock, counting the callers that wait for it (stats)."""
@@ -806,6 +816,107 @@ class LlamaCppBackend(LlmBackend):
                 f"{what}() saves and restores the one sequence of a parallel=1 backend; this "
                 f"backend runs {loaded.config.parallel} slots (load it with parallel=1)")
         return loaded
+
+
+class _StreamHandle:
+    """The native generation of a stream once it runs, and whether it was
+    cancelled before that."""
+
+    def __init__(self) -> None:
+        self.gen: Any = None
+        self.cancelled = False
+
+    def started(self, gen: Any) -> None:
+        self.gen = gen
+        if self.cancelled:  # cancel() came first; under the GIL one side sees the other
+            gen.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        gen = self.gen
+        if gen is not None:
+            gen.cancel()
+
+
+class _Stream(Generator[PartialToken, None, None]):
+    """What :meth:`LlamaCppBackend.stream` returns: the pieces, plus
+    ``cancel()``, which any thread may call (``close()`` belongs to the
+    thread iterating). It stops the generation at its next decode step,
+    prefill included; the iterator then ends with ``finish_reason``
+    "cancelled". :func:`xybrid.backend.stream_in_thread` uses it so that an
+    asyncio timeout or a closed connection does not wait for the prefill."""
+
+    def __init__(self, backend: LlamaCppBackend, prepare: _Prepare,
+                 config: GenerationConfig) -> None:
+        # The generator gets the handle, not self: a cycle through it would
+        # leave an abandoned stream (and the backend lock) to the cyclic GC.
+        self._handle = _StreamHandle()
+        self._pieces = backend._stream(prepare, config, self._handle)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def __iter__(self) -> _Stream:
+        return self
+
+    def __next__(self) -> PartialToken:
+        return next(self._pieces)
+
+    def send(self, value: None) -> PartialToken:
+        return self._pieces.send(value)
+
+    def throw(self, *args: Any) -> PartialToken:
+        return self._pieces.throw(*args)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+class _BackendLock:
+    """The single-sequence lock of a backend.
+
+    Not tied to a thread, unlike an RLock: a stream holds it from its first
+    ``next()`` to its end, and may be resumed, finished or closed on another
+    thread than the one that opened it (a web framework moves iterators
+    between worker threads). ``holder`` follows the thread the holder runs
+    on, which makes it not re-entrant in a useful way: a call from that
+    thread (from inside an ``on_token`` callback, or while the thread keeps
+    one of the backend's streams open) raises at once instead of waiting
+    for itself, or, worse, of swapping the model under the open stream.
+    Other threads wait, as for any lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None
+
+    def check_not_held(self) -> None:
+        if self.holder == threading.get_ident():  # only this thread sets its own ident
+            raise XybridError(
+                "a generation is already running on this backend in this thread (a stream "
+                "still open, or a call from inside its callback): finish or close it first")
+
+    def acquire(self) -> None:
+        self.check_not_held()
+        self._lock.acquire()
+        self.holder = threading.get_ident()
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+    def resumed(self) -> None:
+        """The holding stream now runs on the calling thread."""
+        self.holder = threading.get_ident()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Hold:
