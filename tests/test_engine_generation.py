@@ -646,7 +646,9 @@ def test_loop_thread_usage_tells_waiting_from_running(ctx, gemma_greedy, prompt_
     ctx.memory_clear()
 
     def slow(chunk: str) -> None:
-        time.sleep(0.005)
+        # Much slower than a token, however busy the machine: the loop must
+        # wait for the consumer at nearly every token.
+        time.sleep(0.1)
 
     held = ctx.generate(prompt_tokens, gemma_greedy, max_tokens=16, on_text=slow, buffer_limit=1)
     assert len(held.tokens) == 16
