@@ -237,6 +237,9 @@ def test_chat_logprobs_plain_and_streamed(client: openai.OpenAI) -> None:
                                                           abs=1e-5)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
+    # They come with the content deltas, not all at the end.
+    with_content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert sum(1 for c in with_content if c.choices[0].logprobs is not None) >= 2
 
     # logprobs without top_logprobs: the chosen tokens only; without logprobs: none.
     bare = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,

@@ -637,6 +637,15 @@ class PartialToken:
     (its ``text`` may be empty) and, where the backend has it, ``output``: the
     whole :class:`GenerationOutput` with token ids and telemetry, as the
     non-streaming call would have returned it.
+
+    With ``GenerationConfig.logprobs``, ``logprobs`` holds the tokens sampled
+    since the previous piece that had any, each as ``(token id, log p, top
+    alternatives as (id, log p) pairs)``; the last piece carries the tokens
+    not reported yet, so over a whole stream they are the output's
+    ``token_ids`` / ``logprobs`` / ``top_logprobs``. (A token's text may
+    still be held back when its logprobs arrive, for instance while it could
+    be the start of a stop string.) Streams driven by a callback report them
+    all in the last piece.
     """
 
     text: str
@@ -646,6 +655,8 @@ class PartialToken:
     finish_reason: str | None = None
     tool_calls: tuple[dict[str, Any], ...] = ()
     output: GenerationOutput | None = field(default=None, repr=False, compare=False)
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = field(
+        default=None, repr=False)
 
     @property
     def is_final(self) -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "chat_messages",
     "chat_response",
     "logit_bias_option",
+    "logprobs_content",
     "merge_streams",
     "sampling_options",
     "telemetry",
@@ -280,15 +281,24 @@ def chat_logprobs(output: GenerationOutput | None, piece: TokenBytes | None
     if output is None or piece is None or output.logprobs is None:
         return None
     tops = output.top_logprobs or ()
+    return logprobs_content(piece, [(t, lp, tops[k] if k < len(tops) else ())
+                                    for k, (t, lp) in enumerate(zip(output.token_ids,
+                                                                    output.logprobs))])
 
+
+def logprobs_content(piece: TokenBytes,
+                     tokens: Sequence[tuple[int, float, Sequence[tuple[int, float]]]]
+                     ) -> dict[str, Any]:
+    """``{"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}``
+    for (token id, log p, top alternatives) triples."""
     def entry(token: int, logprob: float) -> dict[str, Any]:
         raw = piece(token)
         return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
     content = []
-    for k, (token, logprob) in enumerate(zip(output.token_ids, output.logprobs)):
+    for token, logprob, top in tokens:
         item = entry(token, logprob)
-        item["top_logprobs"] = [entry(t, lp) for t, lp in (tops[k] if k < len(tops) else ())]
+        item["top_logprobs"] = [entry(t, lp) for t, lp in top]
         content.append(item)
     return {"content": content, "refusal": None}
 
@@ -375,9 +385,10 @@ async def chat_chunks(model: str, pieces: AsyncIterator[tuple[int, PartialToken]
                       on_done: Any, piece_of: TokenBytes | None = None
                       ) -> AsyncIterator[dict[str, Any]]:
     """The chat.completion.chunk objects of a streamed reply; ``on_done``
-    receives the final outputs. With ``piece_of`` (logprobs asked for), a
-    choice's token logprobs come in its last chunk, the one with
-    ``finish_reason``: the engine hands them over when the sequence ends."""
+    receives the final outputs. With ``piece_of`` (logprobs asked for), each
+    content chunk carries the logprobs of the tokens sampled since the
+    choice's previous one, and the chunk with ``finish_reason`` the rest
+    (tokens whose text was held back or cut off, such as a stop string)."""
     cid, created, fp = new_id("chatcmpl"), int(time.time()), _fingerprint()
     outputs: list[GenerationOutput | None] = [None] * n
 
@@ -390,9 +401,14 @@ async def chat_chunks(model: str, pieces: AsyncIterator[tuple[int, PartialToken]
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
+    def logprobs_of(piece: PartialToken) -> dict[str, Any] | None:
+        if piece_of is None or not piece.logprobs:
+            return None
+        return logprobs_content(piece_of, piece.logprobs)
+
     async for i, piece in pieces:
         if piece.text:
-            yield chunk(i, {"content": piece.text})
+            yield chunk(i, {"content": piece.text}, logprobs=logprobs_of(piece))
         if piece.finish_reason is None:
             continue
         out = piece.output
@@ -407,7 +423,7 @@ async def chat_chunks(model: str, pieces: AsyncIterator[tuple[int, PartialToken]
                 for start in range(0, len(args), _ARGS_DELTA):
                     yield chunk(i, {"tool_calls": [{"index": k, "function": {
                         "arguments": args[start:start + _ARGS_DELTA]}}]})
-        yield chunk(i, {}, _finish(out), chat_logprobs(out, piece_of))
+        yield chunk(i, {}, _finish(out), logprobs_of(piece))
     on_done(outputs)
     if include_usage:
         yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
