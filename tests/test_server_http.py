@@ -309,7 +309,7 @@ def test_abandoned_non_streaming_request_is_cancelled(server: ServerProcess) -> 
 
 # --- soak ------------------------------------------------------------------------------------------
 
-# The size: 1,000 requests from 16 clients. It took 105-160 s on the
+# The size: 1,000 requests from 16 clients. It took 100-160 s on the
 # shared 2-core development machine (128 requests: about 17 s); set
 # XYBRID_SOAK_REQUESTS to run a smaller one.
 SOAK_REQUESTS = int(os.environ.get("XYBRID_SOAK_REQUESTS", "1000"))
