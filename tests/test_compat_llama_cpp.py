@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -202,12 +203,39 @@ def test_grammar_logprobs_and_logit_bias(llm) -> None:  # type: ignore[no-untype
     assert [c["choices"][0]["logprobs"]["token_logprobs"][0] for c in streamed[:-1]] == \
         lp["token_logprobs"]
 
-    # logit_bias re-enters Python per token (the token-level path): banning the
-    # greedy first token changes it.
+    # logit_bias is a stage of the engine's sampler chain (the fast path):
+    # banning the greedy first token changes it; -1000 and -inf act as -100.
     first = llm.tokenize(lp["tokens"][0].encode(), add_bos=False, special=False)[0]
     biased = llm(PROMPT, max_tokens=3, temperature=0.0, logit_bias={first: -1000.0})
     assert not biased["choices"][0]["text"].startswith(lp["tokens"][0])
     assert set(biased) == COMPLETION_KEYS
+    for ban in (-100, -float("inf")):
+        assert llm(PROMPT, max_tokens=3, temperature=0.0, logit_bias={first: ban}) == \
+            dict(biased, id=ANY, created=ANY)
+    # The same bias added by a logits processor (the token-level path) picks
+    # the same tokens.
+    def ban_first(_ids, scores):  # type: ignore[no-untyped-def]
+        scores[first] -= 100.0
+        return scores
+    slow = llm(PROMPT, max_tokens=3, temperature=0.0, logits_processor=LogitsProcessorList([ban_first]))
+    assert slow["choices"][0]["text"] == biased["choices"][0]["text"]
+    # With logprobs (refused on the token-level path) and with a stream.
+    with_lp = llm(PROMPT, max_tokens=3, temperature=0.0, logit_bias={first: -100}, logprobs=1)
+    assert with_lp["choices"][0]["text"] == biased["choices"][0]["text"]
+    assert len(with_lp["choices"][0]["logprobs"]["token_logprobs"]) == 3
+    streamed_bias = llm(PROMPT, max_tokens=3, temperature=0.0, logit_bias={first: -100}, stream=True)
+    assert "".join(c["choices"][0]["text"] for c in streamed_bias) == biased["choices"][0]["text"]
+    # A +100 bias forces a token, in chat too.
+    forced = llm.tokenize(b" banana", add_bos=False, special=False)[-1]
+    chat = llm.create_chat_completion([{"role": "user", "content": "Say hi."}], max_tokens=3,
+                                      temperature=0.0, logit_bias={forced: 100.0})
+    assert llm.tokenize(chat["choices"][0]["message"]["content"].encode(), add_bos=False,
+                        special=False).count(forced) >= 2
+    with pytest.raises(InvalidInputError, match="logit_bias"):
+        llm(PROMPT, max_tokens=2, logit_bias={llm.n_vocab() + 3: 1.0})
+    with pytest.raises(InvalidInputError, match="logit_bias"):
+        llm(PROMPT, max_tokens=2, logit_bias={first: float("nan")})
+    assert llm(PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 
 
 def test_token_level_layer_equals_the_fast_path(llm) -> None:  # type: ignore[no-untyped-def]

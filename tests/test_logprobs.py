@@ -118,3 +118,35 @@ def test_top_alternatives_rank_the_whole_vocabulary(tiny_llama_path) -> None:  #
     _, tops = _replay(model, prompt, r.tokens[:1], model.n_vocab)
     assert [t for t, _ in r.top_logprobs[0]] == [t for t, _ in tops[0]]
     assert [v for _, v in r.top_logprobs[0]] == pytest.approx([v for _, v in tops[0]], abs=1e-4)
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_streamed_pieces_carry_logprobs_as_they_come(tiny_llama_path, parallel) -> None:  # type: ignore[no-untyped-def]
+    """Each streamed piece carries the logprobs of the tokens sampled since
+    the previous one; over the stream they are the output's, in order (the
+    single-sequence loop and the scheduler, sync and async)."""
+    import asyncio
+
+    cfg = GenerationConfig(max_tokens=24, temperature=0.0, logprobs=2)
+    with LlamaCppBackend(LlmConfig(tiny_llama_path, context_length=512, n_threads=1,
+                                   parallel=parallel)) as llm:
+        def check(pieces) -> None:  # type: ignore[no-untyped-def]
+            out = pieces[-1].output
+            assert out is not None and out.logprobs is not None and out.top_logprobs is not None
+            got = [entry for p in pieces for entry in (p.logprobs or ())]
+            assert [t for t, _, _ in got] == list(out.token_ids)
+            assert [lp for _, lp, _ in got] == pytest.approx(list(out.logprobs), abs=1e-6)
+            assert [tuple(top) for _, _, top in got] == [tuple(t) for t in out.top_logprobs]
+            # They arrive with the text, not all at the end.
+            assert sum(1 for p in pieces[:-1] if p.logprobs) >= 2
+
+        llm.reset_cache()
+        check(list(llm.stream_raw(PROMPT, cfg)))
+
+        async def collect():  # type: ignore[no-untyped-def]
+            return [p async for p in llm.astream_raw(PROMPT, cfg)]
+
+        llm.reset_cache()
+        check(asyncio.run(collect()))
+        # Without logprobs asked for, pieces carry none.
+        assert all(p.logprobs is None for p in llm.stream_raw(PROMPT, cfg.replace(logprobs=None)))

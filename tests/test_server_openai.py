@@ -198,6 +198,127 @@ async def _async_client_session(server: ServerProcess) -> None:
     await aclient.close()
 
 
+# --- logprobs and logit_bias ------------------------------------------------------------
+
+def _check_chat_logprobs(content: list, n_top: int, greedy: bool) -> None:  # type: ignore[type-arg]
+    assert content
+    for item in content:
+        assert item.logprob <= 0.0
+        assert bytes(item.bytes).decode("utf-8", "replace") == item.token
+        assert len(item.top_logprobs) == n_top
+        values = [t.logprob for t in item.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        for alt in item.top_logprobs:
+            assert alt.logprob <= 0.0 and bytes(alt.bytes).decode("utf-8", "replace") == alt.token
+        if greedy and n_top:
+            # Greedy: the chosen token is the most likely one.
+            assert item.top_logprobs[0].token == item.token
+            assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-5)
+
+
+def test_chat_logprobs_plain_and_streamed(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    choice = r.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert r.usage is not None and len(content) == r.usage.completion_tokens
+    _check_chat_logprobs(content, 3, greedy=True)
+    # The tokens spell the reply (the chat clean-up only trims around it).
+    assert choice.message.content.strip() in "".join(t.token for t in content)
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=12, temperature=0, logprobs=True,
+        top_logprobs=3, stream=True))
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs is not None
+                for item in (c.choices[0].logprobs.content or [])]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content],
+                                                          abs=1e-5)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    # They come with the content deltas, not all at the end.
+    with_content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert sum(1 for c in with_content if c.choices[0].logprobs is not None) >= 2
+
+    # logprobs without top_logprobs: the chosen tokens only; without logprobs: none.
+    bare = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
+                                          temperature=0, logprobs=True)
+    assert bare.choices[0].logprobs is not None
+    _check_chat_logprobs(bare.choices[0].logprobs.content or [], 0, greedy=True)
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
+                                          temperature=0).choices[0].logprobs is None
+    # n choices, sampled: each its own logprobs.
+    many = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, n=2,
+                                          seed=3, temperature=0.9, logprobs=True,
+                                          top_logprobs=2)
+    for c in many.choices:
+        assert c.logprobs is not None
+        _check_chat_logprobs(c.logprobs.content or [], 2, greedy=False)
+
+
+def test_completions_logprobs_plain_and_streamed(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                  logprobs=2)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert lp.text_offset is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
+        len(lp.text_offset) == r.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset[0] == 0
+    for token, value, top, offset in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs,
+                                         lp.text_offset):
+        assert choice.text[offset:].startswith(token)
+        assert value <= 0 and len(top) <= 2
+        assert max(top.values()) == pytest.approx(value, abs=1e-5)  # greedy: the best
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                            temperature=0, logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(parts) == 1 and parts[0].tokens == lp.tokens
+    assert parts[0].token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    # A stop string: tokens after the cut are not reported.
+    stopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                        temperature=0, logprobs=0, stop=[lp.tokens[2]])
+    slp = stopped.choices[0].logprobs
+    assert slp is not None and slp.tokens == lp.tokens[:2]
+    assert slp.top_logprobs == [{}, {}]
+
+
+def test_logit_bias_bans_and_forces_tokens(client: openai.OpenAI, server: ServerProcess) -> None:
+    def ids(text: str) -> list[int]:
+        return list(httpx.post(server.base_url + "/tokenize", headers=server.headers,
+                               json={"content": text, "add_special": False}).json()["tokens"])
+
+    def reply(**kw: object) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8,
+                                              temperature=0, logprobs=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+    base = reply()
+    first = base.choices[0].logprobs.content[0]  # type: ignore[union-attr, index]
+    first_id = ids(first.token)[0]
+    banned = reply(logit_bias={str(first_id): -100})
+    assert banned.choices[0].message.content != base.choices[0].message.content
+    assert banned.choices[0].logprobs.content[0].token != first.token  # type: ignore[union-attr, index]
+    forced_id = ids(" banana")[-1]
+    forced = reply(logit_bias={str(forced_id): 100})
+    assert [t.token for t in forced.choices[0].logprobs.content] == [" banana"] * 8  # type: ignore[union-attr]
+    assert forced.choices[0].message.content == " ".join(["banana"] * 8)
+    # Streamed and sampled: still forced.
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=4, temperature=1.0, seed=5, stream=True,
+        logit_bias={str(forced_id): 100}) if c.choices)
+    # (A stream keeps the reply's leading space; the plain reply is stripped.)
+    assert text.strip() == "banana banana banana banana"
+    # Raw completions too.
+    comp = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=3,
+                                     temperature=0, logit_bias={str(forced_id): 100})
+    assert comp.choices[0].text == " banana banana banana"
+
+
 # --- completions ------------------------------------------------------------------------
 
 def test_completions_text_tokens_echo_and_stream(client: openai.OpenAI,
@@ -264,8 +385,12 @@ def test_client_error_classes(client: openai.OpenAI, server: ServerProcess) -> N
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100000)
     assert info.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True)
-    assert info.value.param == "logprobs"
+        client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True,
+                                       top_logprobs=21)
+    assert info.value.param == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, logit_bias={"49152": 5})
+    assert info.value.param == "logit_bias"
     with pytest.raises(openai.NotFoundError) as nf:
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
     assert nf.value.code == "model_not_found"

@@ -965,28 +965,46 @@ class _Pieces:
     def __init__(self, prepared: PreparedRequest) -> None:
         self.stream = PieceStream(prepared)
         self.index = 0
+        self.reported = 0  # tokens whose logprobs went out with a piece
+        self.with_logprobs = True  # until the engine says none are collected
 
-    def _piece(self, text: str, token: int | None = None) -> PartialToken | None:
+    def _piece(self, text: str, token: int | None = None,
+               logprobs: Any = None) -> PartialToken | None:
         if not text:
             return None
-        piece = PartialToken(text, self.index, self.stream.cumulative, token)
+        piece = PartialToken(text, self.index, self.stream.cumulative, token, logprobs=logprobs)
         self.index += 1
         return piece
 
     def chunk(self, chunk: str, gen: Any = None) -> PartialToken | None:
         """The piece for an engine chunk (None when the filter holds it all
-        back); with ``gen``, it names the chunk's last token."""
+        back); with ``gen``, it names the chunk's last token and carries the
+        logprobs of the tokens since the last piece (when collected)."""
         text = self.stream.push(chunk)
         n = gen.tokens_at_last_chunk if gen is not None and text else 0
-        return self._piece(text, gen.token_at(n - 1) if n else None)
+        logprobs = None
+        if n and self.with_logprobs:
+            got = gen.logprobs_between(self.reported, n)
+            if got is None:
+                self.with_logprobs = False
+            else:
+                logprobs = tuple((t, lp, tuple(top)) for t, lp, top in got)
+                self.reported = n
+        return self._piece(text, gen.token_at(n - 1) if n else None, logprobs)
 
     def tail(self) -> PartialToken | None:
         """What the filter held back, once the generation has ended."""
         return self._piece(self.stream.finish())
 
     def final(self, output: GenerationOutput) -> PartialToken:
+        rest = None
+        if output.logprobs is not None:
+            tops = output.top_logprobs or ()
+            rest = tuple((output.token_ids[k], output.logprobs[k],
+                          tops[k] if k < len(tops) else ())
+                         for k in range(self.reported, len(output.logprobs)))
         return PartialToken("", self.index, output.text, None, output.finish_reason,
-                            output.tool_calls, output)
+                            output.tool_calls, output, logprobs=rest)
 
 
 def _drive_iter(gen: Any, prepared: PreparedRequest, *, finish: Callable[[Any], GenerationOutput],

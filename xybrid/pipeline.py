@@ -242,6 +242,7 @@ def make_sampler(model: Any, config: GenerationConfig) -> Any:
         presence_penalty=config.presence_penalty,
         seed=config.seed,
         grammar=grammar_for(config),
+        logit_bias=config.logit_bias,
     )
 
 

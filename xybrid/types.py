@@ -25,6 +25,8 @@ __all__ = [
     "PartialToken",
     "GenerationOutput",
     "MAX_SEED",
+    "MAX_LOGIT_BIAS",
+    "MAX_LOGIT_BIAS_ENTRIES",
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -34,6 +36,12 @@ _ROLES: Final[frozenset[str]] = frozenset(get_args(Role))
 #: 0xFFFFFFFF as "pick a random seed", so that value is kept out of range: a
 #: caller who asks for a fixed seed must get a reproducible run.
 MAX_SEED: Final[int] = 0xFFFFFFFE
+
+#: Bounds of ``GenerationConfig.logit_bias`` (OpenAI's range): a bias of -100
+#: bans a token and +100 forces it on any real logits row; the number of
+#: entries is bounded so one request cannot slow every sampling step.
+MAX_LOGIT_BIAS: Final[float] = 100.0
+MAX_LOGIT_BIAS_ENTRIES: Final[int] = 1024
 
 # ---------------------------------------------------------------------------
 # Validation helpers. Each returns the normalised value or raises with a
@@ -437,6 +445,13 @@ class GenerationConfig:
     - ``logprobs=None``: an int ``n >= 0`` makes the engine report the
       log-probability of every generated token and its ``n`` most likely
       alternatives (``GenerationOutput.logprobs`` / ``top_logprobs``).
+    - ``logit_bias=None``: a mapping token id -> bias added to that token's
+      logit before sampling, each bias a finite number in [-100, 100]
+      (``-100`` bans the token, ``+100`` forces it), at most
+      ``MAX_LOGIT_BIAS_ENTRIES`` entries. Stored as a dict with int keys and
+      float values (an empty mapping is ``None``). Token ids are checked
+      against the model's vocabulary when the sampler is built. Logprobs are
+      still those of the model's raw logits, before the bias.
     """
 
     max_tokens: int
@@ -456,6 +471,7 @@ class GenerationConfig:
     tools: tuple[Mapping[str, Any], ...]
     tool_choice: str
     logprobs: int | None
+    logit_bias: Mapping[int, float] | None
 
     def __init__(
         self,
@@ -477,6 +493,7 @@ class GenerationConfig:
         tools: Iterable[Mapping[str, Any]] = (),
         tool_choice: str = "auto",
         logprobs: int | None = None,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> None:
         owner = "GenerationConfig"
         if json_schema is not None and not isinstance(json_schema, Mapping):
@@ -550,6 +567,7 @@ class GenerationConfig:
             "tool_choice": tool_choice,
             "logprobs": None if logprobs is None else _check_int(
                 owner, "logprobs", logprobs, 0, "None or an integer >= 0 (alternatives per token)"),
+            "logit_bias": _check_logit_bias(owner, logit_bias),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -568,6 +586,28 @@ class GenerationConfig:
     def replace(self, **changes: Any) -> GenerationConfig:
         """A copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_logit_bias(owner: str, value: object) -> dict[int, float] | None:
+    name = "logit_bias"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail(owner, name, "None or a mapping of int token id -> bias", value)
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidInputError(
+            f"{owner}.{name} has {len(value)} entries, over the limit of {MAX_LOGIT_BIAS_ENTRIES}")
+    out: dict[int, float] = {}
+    for token, bias in value.items():
+        if not _is_int(token) or token < 0:
+            raise _fail(owner, name, "keyed by int token ids >= 0", token)
+        number = _as_finite_float(owner, f"{name}[{token}]",
+                                  bias, f"a finite number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS:
+            raise _fail(owner, f"{name}[{token}]",
+                        f"a finite number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
+        out[token] = number
+    return out or None
 
 
 def _normalise_stop_sequences(value: object) -> tuple[str, ...]:
@@ -597,6 +637,15 @@ class PartialToken:
     (its ``text`` may be empty) and, where the backend has it, ``output``: the
     whole :class:`GenerationOutput` with token ids and telemetry, as the
     non-streaming call would have returned it.
+
+    With ``GenerationConfig.logprobs``, ``logprobs`` holds the tokens sampled
+    since the previous piece that had any, each as ``(token id, log p, top
+    alternatives as (id, log p) pairs)``; the last piece carries the tokens
+    not reported yet, so over a whole stream they are the output's
+    ``token_ids`` / ``logprobs`` / ``top_logprobs``. (A token's text may
+    still be held back when its logprobs arrive, for instance while it could
+    be the start of a stop string.) Streams driven by a callback report them
+    all in the last piece.
     """
 
     text: str
@@ -606,6 +655,8 @@ class PartialToken:
     finish_reason: str | None = None
     tool_calls: tuple[dict[str, Any], ...] = ()
     output: GenerationOutput | None = field(default=None, repr=False, compare=False)
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None = field(
+        default=None, repr=False)
 
     @property
     def is_final(self) -> bool:

@@ -570,6 +570,33 @@ cdef class Generation:
             raise IndexError(index)
         return self.g.out_tokens[index]
 
+    def logprobs_between(self, int start, int stop):
+        """The logprobs of sampled tokens ``start`` .. ``stop`` (clamped to
+        tokens_at_last_chunk) as (token id, log p, [(id, log p), ...] top
+        alternatives) triples; None when logprobs are not being collected.
+        Like :meth:`token_at`, for a chunk just received: the loop wrote
+        these entries before it counted the tokens, and writes only later
+        ones while it runs."""
+        cdef int32_t i, j, n = self.g.n_logprobs
+        cdef size_t off
+        if n < 0:
+            return None
+        if self.g.logprob == NULL or self.g.out_tokens == NULL:
+            if self.result is None or self.result.logprobs is None:
+                return None
+            ids = self.result.tokens
+            stop = min(stop, len(ids))
+            return [(ids[k], self.result.logprobs[k], list(self.result.top_logprobs[k]))
+                     for k in range(max(start, 0), stop)]
+        stop = min(stop, self.tokens_at_last_chunk)
+        out = []
+        for i in range(max(start, 0), stop):
+            off = <size_t> i * <size_t> n
+            out.append((self.g.out_tokens[i], self.g.logprob[i],
+                        [(self.g.top_ids[off + j], self.g.top_lp[off + j]) for j in range(n)
+                         if self.g.top_ids[off + j] >= 0]))
+        return out
+
     @property
     def cancelled(self):
         return xy_atomic_load(&self.g.cancel) != 0

@@ -1,14 +1,56 @@
 # Sampler: a llama.cpp sampler chain built from plain parameters.
 
 import math
+import numbers
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a fresh random seed per chain
+# Logit bias bounds (see xybrid.types): at most 100 in either direction, and
+# a bounded number of entries.
+from xybrid.types import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
+
+
+def check_logit_bias(logit_bias, int32_t n_vocab):
+    """``logit_bias`` (a mapping token id -> bias, or (id, bias) pairs) as a
+    list of (id, bias) pairs, checked: ids of this vocabulary, biases finite
+    and within +-MAX_LOGIT_BIAS, at most MAX_LOGIT_BIAS_ENTRIES entries."""
+    if logit_bias is None:
+        return []
+    items = logit_bias.items() if hasattr(logit_bias, "items") else logit_bias
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise InvalidInputError(
+            f"logit_bias must be a mapping of token id -> bias, got {type(logit_bias).__name__}") from None
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidInputError(
+            f"logit_bias has {len(pairs)} entries, over the limit of {MAX_LOGIT_BIAS_ENTRIES}")
+    out = []
+    for pair in pairs:
+        try:
+            tok, bias = pair
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"logit_bias entries must be (token id, bias) pairs, got {pair!r}") from None
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise InvalidInputError(f"logit_bias keys must be int token ids, got {tok!r}")
+        if not 0 <= tok < n_vocab:
+            raise InvalidInputError(
+                f"logit_bias names token {tok}, which is not a token id of this model (0..{n_vocab - 1})")
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
+            raise InvalidInputError(f"logit_bias[{tok}] must be a number, got {bias!r}")
+        value = float(bias)
+        if not math.isfinite(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise InvalidInputError(
+                f"logit_bias[{tok}] must be a finite number in [-100, 100], got {bias!r}")
+        out.append((tok, value))
+    return out
 
 
 cdef class Sampler:
     """A llama.cpp sampler chain.
 
-    The chain is, in order: penalties (when any is active), then either
+    The chain is, in order: the logit bias (``logit_bias``: token id ->
+    value added to its logit, in [-100, 100]; -100 bans a token, +100 forces
+    it), penalties (when any is active), then either
     greedy (``temperature <= 0``) or top-k, top-p, min-p, temperature and a
     seeded draw. A grammar is kept beside the chain and enforced by rejection
     sampling (see ``xy_sample`` in engine_support.h): the chain picks a token,
@@ -28,7 +70,7 @@ cdef class Sampler:
                  double top_p=1.0, double min_p=0.0, double repeat_penalty=1.0,
                  int repeat_last_n=64, double frequency_penalty=0.0,
                  double presence_penalty=0.0, seed=None, grammar=None,
-                 str grammar_root="root"):
+                 str grammar_root="root", logit_bias=None):
         model.check_open()
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                             ("repeat_penalty", repeat_penalty),
@@ -55,11 +97,12 @@ cdef class Sampler:
             cseed = seed
         if grammar is not None and not isinstance(grammar, str):
             raise GrammarError(f"grammar must be a str of GBNF text, got {type(grammar).__name__}")
+        bias_pairs = check_logit_bias(logit_bias, llama_vocab_n_tokens(model.vocab))
         self.model = model
         self.params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                           seed=seed, grammar=grammar)
+                           seed=seed, grammar=grammar, logit_bias=dict(bias_pairs))
 
         cdef llama_sampler_chain_params cparams = llama_sampler_chain_default_params()
         cparams.no_perf = True
@@ -70,6 +113,8 @@ cdef class Sampler:
         self.argmax_only = False
         cdef llama_sampler * stage
         cdef bytes bgrammar, broot
+        cdef llama_logit_bias * cbias
+        cdef int32_t k
         if grammar is not None:
             if not grammar.strip():
                 raise GrammarError("grammar is empty")
@@ -83,6 +128,17 @@ cdef class Sampler:
             self.candidates = <llama_token_data *> malloc(self.n_vocab * sizeof(llama_token_data))
             if self.candidates == NULL:
                 raise MemoryError("cannot allocate the grammar candidate buffer")
+        if bias_pairs:
+            # The stage copies the entries; the array is ours to free.
+            cbias = <llama_logit_bias *> malloc(len(bias_pairs) * sizeof(llama_logit_bias))
+            if cbias == NULL:
+                raise MemoryError("cannot allocate the logit bias entries")
+            for k in range(len(bias_pairs)):
+                cbias[k].token = bias_pairs[k][0]
+                cbias[k].bias = bias_pairs[k][1]
+            stage = llama_sampler_init_logit_bias(self.n_vocab, len(bias_pairs), cbias)
+            free(cbias)
+            self.add(stage)
         if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
             self.add(llama_sampler_init_penalties(
                 llama_vocab_n_tokens(model.vocab), repeat_last_n,

@@ -154,6 +154,10 @@ cdef extern from "llama.h" nogil:
         int64_t selected
         bint sorted
 
+    ctypedef struct llama_logit_bias:
+        llama_token token
+        float bias
+
     ctypedef struct llama_chat_message:
         const char * role
         const char * content
@@ -283,6 +287,8 @@ cdef extern from "llama.h" nogil:
     llama_sampler * llama_sampler_init_temp(float t)
     llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
                                                const char * grammar_root)
+    llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
+                                                  const llama_logit_bias * logit_bias)
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
                                                  float penalty_freq, float penalty_present)
 

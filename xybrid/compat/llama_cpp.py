@@ -8,13 +8,14 @@ method (kept in :mod:`xybrid.compat.defaults`).
 
 Two paths carry a completion:
 
-- The fast path (no ``logits_processor``, ``stopping_criteria`` or
-  ``logit_bias``): the prompt's token ids go to
-  :meth:`LlamaCppBackend.generate_raw` / :meth:`~LlamaCppBackend.stream_raw`,
-  so the whole token loop runs in C with the GIL released, and the facade
-  only reshapes the result into dicts.
-- The token-level path: logits processors, stopping criteria and logit bias
-  are Python callables that must see every token's logits, so such calls
+- The fast path (no ``logits_processor`` or ``stopping_criteria``): the
+  prompt's token ids go to :meth:`LlamaCppBackend.generate_raw` /
+  :meth:`~LlamaCppBackend.stream_raw`, so the whole token loop runs in C with
+  the GIL released, and the facade only reshapes the result into dicts.
+  ``logit_bias`` is a stage of the engine's sampler chain and takes this path
+  (biases beyond +-100, ``inf`` included, count as +-100: a ban or a force).
+- The token-level path: logits processors and stopping criteria are Python
+  callables that must see every token's logits, so such calls
   re-enter Python per token through :meth:`Llama.generate` (``eval`` ->
   ``sample`` on the engine's step primitives), as llama-cpp-python itself
   does. Expect its speed there, not xybrid's.
@@ -30,7 +31,9 @@ model's own); the ctypes functions ``llama_cpp.llama_*`` do not exist.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
+import numbers
 import os
 import random
 import time
@@ -52,7 +55,7 @@ from xybrid.errors import (
 from xybrid.grammar import json_schema_to_gbnf
 from xybrid.llama_cpp_backend import LlamaCppBackend
 from xybrid.streaming import CHAT_STOP_PATTERNS
-from xybrid.types import MAX_SEED, GenerationConfig, GenerationOutput, LlmConfig
+from xybrid.types import MAX_LOGIT_BIAS, MAX_SEED, GenerationConfig, GenerationOutput, LlmConfig
 
 __all__ = [
     "Llama",
@@ -513,12 +516,12 @@ class Llama:
                 "model": model if model is not None else self.model_path}
         prompt_text = prompt if isinstance(prompt, str) else \
             self.detokenize(tokens).decode("utf-8", errors="ignore")
-        if logits_processor is not None or stopping_criteria is not None or logit_bias is not None:
+        if logits_processor is not None or stopping_criteria is not None:
             it = self._completion_python(tokens, prompt_text, sampling, logprobs, meta, stream,
                                          stopping_criteria, logits_processor, logit_bias)
             return it if stream else _last(it, echo, prompt_text)
         self._restore_from_cache(tokens)
-        config = self._config(**sampling, logprobs=logprobs)
+        config = self._config(**sampling, logprobs=logprobs, logit_bias=_engine_bias(logit_bias))
         if stream:
             return self._stream_fast(backend, tokens, config, logprobs, meta, prompt_text)
         output = backend.generate_raw(tokens, config)
@@ -608,10 +611,11 @@ class Llama:
                            logits_processor: LogitsProcessorList | None,
                            logit_bias: dict[int, float] | None) -> Iterator[dict[str, Any]]:
         """A completion driven token by token from Python (processors,
-        criteria, logit bias), with the peer's stop and UTF-8 rules."""
+        criteria, with any logit bias added to the scores), with the peer's
+        stop and UTF-8 rules."""
         if logprobs is not None:
             raise UnsupportedInputError(
-                "logprobs with logits_processor/stopping_criteria/logit_bias is not supported")
+                "logprobs with logits_processor/stopping_criteria is not supported")
         processors = LogitsProcessorList(logits_processor or [])
         if logit_bias:
             bias = {int(k): float(v) for k, v in logit_bias.items()}
@@ -832,7 +836,7 @@ class Llama:
         n_lp = (top_logprobs or 0) if logprobs else None
         meta = {"id": "chat" + _completion_id(), "created": int(time.time()),
                 "model": model if model is not None else self.model_path}
-        if logits_processor is not None or logit_bias is not None:
+        if logits_processor is not None:
             return self._chat_via_completion(backend, messages, tools_arg, meta, stream, dict(
                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                 min_p=min_p, typical_p=typical_p, stop=stop, seed=seed,
@@ -849,7 +853,8 @@ class Llama:
                               repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                               presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
                               stop=stop, seed=seed, grammar=grammar, logprobs=n_lp,
-                              response_format=fmt, tools=tools_arg, tool_choice=choice_arg)
+                              response_format=fmt, tools=tools_arg, tool_choice=choice_arg,
+                              logit_bias=_engine_bias(logit_bias))
         if stream:
             return self._chat_stream(backend, messages, config, meta)
         output = backend.generate(messages, config)
@@ -889,11 +894,10 @@ class Llama:
     def _chat_via_completion(self, backend: LlamaCppBackend, messages: list[dict[str, Any]],
                              tools: list[dict[str, Any]], meta: dict[str, Any], stream: bool,
                              sampling: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Chat with logits processors or logit bias: the template's prompt
-        through the token-level completion path, stopped at the chat markers."""
+        """Chat with logits processors: the template's prompt through the
+        token-level completion path, stopped at the chat markers."""
         if tools:
-            raise UnsupportedInputError(
-                "tools together with logits_processor or logit_bias are not supported")
+            raise UnsupportedInputError("tools together with logits_processor are not supported")
         prompt = backend.format_chat(messages)
         stop = sampling.pop("stop")
         stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(CHAT_STOP_PATTERNS)
@@ -1066,6 +1070,26 @@ def _finish(output: GenerationOutput) -> str:
     if output.tool_calls:
         return "tool_calls"
     return "length" if output.finish_reason == "length" else "stop"
+
+
+def _engine_bias(logit_bias: dict[int, float] | None) -> dict[int, float] | None:
+    """The peer's ``logit_bias`` for the engine's sampler chain. Biases
+    beyond +-100 (``-inf``, a common way to ban a token, included) act as
+    +-100, which bans or forces the token; NaN and non-int ids are refused by
+    GenerationConfig."""
+    if logit_bias is None:
+        return None
+    if not isinstance(logit_bias, dict):
+        raise InvalidInputError(f"logit_bias must be a dict of token id -> bias, got "
+                                f"{type(logit_bias).__name__}")
+    out: dict[int, float] = {}
+    for tok, bias in logit_bias.items():
+        key: Any = int(tok) if isinstance(tok, str) and tok.strip().isdigit() else tok
+        value: Any = bias
+        if isinstance(bias, numbers.Real) and not isinstance(bias, bool) and not math.isnan(bias):
+            value = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(bias)))
+        out[key] = value
+    return out
 
 
 def _completion(meta: dict[str, Any], text: str, logprobs: dict[str, Any] | None, finish: str,

@@ -31,6 +31,7 @@ from xybrid.server.chat import (
     merge_streams,
     seeded,
     sse,
+    token_pieces,
 )
 from xybrid.server.completions import (
     completion_chunks,
@@ -271,7 +272,10 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
         route(request, "/v1/chat/completions")
         backend = engine.require()
         model = check_model(body.model)
-        config, single_tool = chat_config(body, settings, engine.n_ctx)
+        config, single_tool = chat_config(body, settings, engine.n_ctx,
+                                          int(backend.model.n_vocab))
+        piece = token_pieces(backend.model, special=True) if config.logprobs is not None \
+            else None
         messages = chat_messages(body.messages)
         n = body.n
         admit(n)
@@ -279,15 +283,19 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await respond(
             request, streams, n, body.stream,
-            lambda pieces, done: chat_chunks(model, pieces, n, single_tool, include_usage, done),
-            lambda outputs: chat_response(model, outputs, single_tool))
+            lambda pieces, done: chat_chunks(model, pieces, n, single_tool, include_usage, done,
+                                             piece),
+            lambda outputs: chat_response(model, outputs, single_tool, piece))
 
     @app.post("/v1/completions", summary="Raw text completion (plain or SSE)")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         route(request, "/v1/completions")
         backend = engine.require()
         model = check_model(body.model)
-        config = completion_config(body, settings, engine.n_ctx)
+        config = completion_config(body, settings, engine.n_ctx, int(backend.model.n_vocab))
+        # The engine writes a raw continuation's text without control tokens.
+        piece = token_pieces(backend.model, special=False) if config.logprobs is not None \
+            else None
         prompts = completion_prompts(body, settings)
         n = body.n
         echoes = [(p if isinstance(p, str) else _detokenize(backend, p, "prompt"))
@@ -300,8 +308,8 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
         return await respond(
             request, streams, count, body.stream,
             lambda pieces, done: completion_chunks(model, pieces, count, n, echoes,
-                                                   include_usage, done),
-            lambda outputs: completion_response(model, outputs, echoes, n))
+                                                   include_usage, done, piece),
+            lambda outputs: completion_response(model, outputs, echoes, n, piece))
 
     # --- embeddings -------------------------------------------------------------------------
     @app.post("/v1/embeddings", summary="Text embeddings")

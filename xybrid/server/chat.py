@@ -13,22 +13,34 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from xybrid.server.errors import APIError
 from xybrid.server.schemas import ChatCompletionRequest, ChatMessageIn, _Sampling
 from xybrid.server.settings import ServerSettings
-from xybrid.types import MAX_SEED, ChatMessage, GenerationConfig, GenerationOutput, PartialToken
+from xybrid.types import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_SEED,
+    ChatMessage,
+    GenerationConfig,
+    GenerationOutput,
+    PartialToken,
+)
 
 __all__ = [
     "chat_chunks",
     "chat_config",
+    "chat_logprobs",
     "chat_messages",
     "chat_response",
+    "logit_bias_option",
+    "logprobs_content",
     "merge_streams",
     "sampling_options",
     "telemetry",
+    "token_pieces",
     "usage",
 ]
 
@@ -41,8 +53,35 @@ def new_id(prefix: str) -> str:
 
 # --- request -> xybrid ----------------------------------------------------------------
 
+def logit_bias_option(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token id as a decimal string -> bias in
+    [-100, 100]) as GenerationConfig's mapping, every entry checked here so
+    the 400 names the field."""
+    if not bias:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise APIError(400, f"logit_bias has {len(bias)} entries, over the limit of "
+                       f"{MAX_LOGIT_BIAS_ENTRIES}", param="logit_bias", code="limit_exceeded")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        text = key.strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+            raise APIError(400, f"logit_bias keys must be token ids (decimal integers), got "
+                           f"{key!r}", param="logit_bias", code="invalid_value")
+        token = int(text)
+        if token >= n_vocab:
+            raise APIError(400, f"logit_bias names token {token}, which is not a token id of "
+                           f"this model (0..{n_vocab - 1})", param="logit_bias",
+                           code="invalid_value")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias[{key!r}] = {value} is outside [-100, 100]",
+                           param="logit_bias", code="invalid_value")
+        out[token] = float(value)
+    return out
+
+
 def sampling_options(req: _Sampling, settings: ServerSettings, max_tokens: int | None,
-                     n_ctx: int) -> dict[str, Any]:
+                     n_ctx: int, n_vocab: int) -> dict[str, Any]:
     """GenerationConfig keywords shared by chat and completions, limits checked."""
     if req.n > settings.max_n:
         raise APIError(400, f"n = {req.n} is over this server's limit of {settings.max_n}",
@@ -53,9 +92,6 @@ def sampling_options(req: _Sampling, settings: ServerSettings, max_tokens: int |
     if max_tokens is not None and max_tokens >= n_ctx:
         raise APIError(400, f"max_tokens = {max_tokens} does not fit the context window of "
                        f"{n_ctx} tokens", param="max_tokens", code="context_length_exceeded")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server yet",
-                       param="logit_bias", code="unsupported_parameter")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     stops = [s for s in stops if s]  # an empty stop string stops nothing
     if len(stops) > settings.max_stop:
@@ -65,7 +101,8 @@ def sampling_options(req: _Sampling, settings: ServerSettings, max_tokens: int |
         raise APIError(400, f"seed must be an integer in [0, {MAX_SEED}], got {req.seed}",
                        param="seed", code="invalid_value")
     opts: dict[str, Any] = {"max_tokens": max_tokens or settings.default_max_tokens,
-                            "stop_sequences": stops, "seed": req.seed}
+                            "stop_sequences": stops, "seed": req.seed,
+                            "logit_bias": logit_bias_option(req.logit_bias, n_vocab)}
     if req.temperature is not None:
         opts["temperature"] = req.temperature
     if req.top_p is not None:
@@ -93,18 +130,20 @@ def seeded(config: GenerationConfig, index: int) -> GenerationConfig:
 
 
 def chat_config(req: ChatCompletionRequest, settings: ServerSettings,
-                n_ctx: int) -> tuple[GenerationConfig, bool]:
+                n_ctx: int, n_vocab: int) -> tuple[GenerationConfig, bool]:
     """The generation settings of a chat request, and whether only one tool
     call may be returned (``parallel_tool_calls=false``)."""
-    if req.logprobs or req.top_logprobs:
-        raise APIError(400, "logprobs are not supported by this server yet",
-                       param="logprobs", code="unsupported_parameter")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
+                       code="invalid_value")
     if len(req.messages) > settings.max_messages:
         raise APIError(400, f"messages has {len(req.messages)} entries, over this server's "
                        f"limit of {settings.max_messages}", param="messages",
                        code="limit_exceeded")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    opts = sampling_options(req, settings, max_tokens, n_ctx)
+    opts = sampling_options(req, settings, max_tokens, n_ctx, n_vocab)
+    if req.logprobs:
+        opts["logprobs"] = req.top_logprobs or 0
     if req.response_format is not None:
         kind = req.response_format.get("type")
         if kind not in ("text", "json_object", "json_schema"):
@@ -219,8 +258,55 @@ def _tool_calls(output: GenerationOutput, single: bool) -> list[dict[str, Any]]:
     return calls[:1] if single else calls
 
 
-def chat_response(model: str, outputs: Sequence[GenerationOutput], single_tool: bool
-                  ) -> dict[str, Any]:
+TokenBytes = Callable[[int], bytes]
+
+
+def token_pieces(model: Any, special: bool) -> TokenBytes:
+    """A memoised token id -> bytes of its text, for one response."""
+    cache: dict[int, bytes] = {}
+
+    def piece(token: int) -> bytes:
+        raw = cache.get(token)
+        if raw is None:
+            raw = cache[token] = bytes(model.token_to_piece(token, special=special))
+        return raw
+    return piece
+
+
+def chat_logprobs(output: GenerationOutput | None, piece: TokenBytes | None
+                  ) -> dict[str, Any] | None:
+    """OpenAI's ``choices[].logprobs`` of a chat reply: one entry per
+    generated token, with its top alternatives (log-probabilities of the
+    model's raw distribution, before sampling settings and logit bias)."""
+    if output is None or piece is None or output.logprobs is None:
+        return None
+    tops = output.top_logprobs or ()
+    return logprobs_content(piece, [(t, lp, tops[k] if k < len(tops) else ())
+                                    for k, (t, lp) in enumerate(zip(output.token_ids,
+                                                                    output.logprobs))])
+
+
+def logprobs_content(piece: TokenBytes,
+                     tokens: Sequence[tuple[int, float, Sequence[tuple[int, float]]]]
+                     ) -> dict[str, Any]:
+    """``{"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}``
+    for (token id, log p, top alternatives) triples."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = piece(token)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    content = []
+    for token, logprob, top in tokens:
+        item = entry(token, logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in top]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def chat_response(model: str, outputs: Sequence[GenerationOutput], single_tool: bool,
+                  piece: TokenBytes | None = None) -> dict[str, Any]:
+    """The chat.completion body; ``piece`` (token id -> bytes) when the
+    request asked for logprobs."""
     choices = []
     for i, out in enumerate(outputs):
         message: dict[str, Any] = {"role": "assistant", "content": out.text}
@@ -228,7 +314,7 @@ def chat_response(model: str, outputs: Sequence[GenerationOutput], single_tool: 
         if calls:
             message["tool_calls"] = calls
             message["content"] = out.text or None
-        choices.append({"index": i, "message": message, "logprobs": None,
+        choices.append({"index": i, "message": message, "logprobs": chat_logprobs(out, piece),
                         "finish_reason": _finish(out)})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": _fingerprint(), "choices": choices,
@@ -296,23 +382,33 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 async def chat_chunks(model: str, pieces: AsyncIterator[tuple[int, PartialToken]], n: int,
                       single_tool: bool, include_usage: bool,
-                      on_done: Any) -> AsyncIterator[dict[str, Any]]:
+                      on_done: Any, piece_of: TokenBytes | None = None
+                      ) -> AsyncIterator[dict[str, Any]]:
     """The chat.completion.chunk objects of a streamed reply; ``on_done``
-    receives the final outputs."""
+    receives the final outputs. With ``piece_of`` (logprobs asked for), each
+    content chunk carries the logprobs of the tokens sampled since the
+    choice's previous one, and the chunk with ``finish_reason`` the rest
+    (tokens whose text was held back or cut off, such as a stop string)."""
     cid, created, fp = new_id("chatcmpl"), int(time.time()), _fingerprint()
     outputs: list[GenerationOutput | None] = [None] * n
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": model, "system_fingerprint": fp,
-                "choices": [{"index": index, "delta": delta, "logprobs": None,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                              "finish_reason": finish}]}
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
+    def logprobs_of(piece: PartialToken) -> dict[str, Any] | None:
+        if piece_of is None or not piece.logprobs:
+            return None
+        return logprobs_content(piece_of, piece.logprobs)
+
     async for i, piece in pieces:
         if piece.text:
-            yield chunk(i, {"content": piece.text})
+            yield chunk(i, {"content": piece.text}, logprobs=logprobs_of(piece))
         if piece.finish_reason is None:
             continue
         out = piece.output
@@ -327,7 +423,7 @@ async def chat_chunks(model: str, pieces: AsyncIterator[tuple[int, PartialToken]
                 for start in range(0, len(args), _ARGS_DELTA):
                     yield chunk(i, {"tool_calls": [{"index": k, "function": {
                         "arguments": args[start:start + _ARGS_DELTA]}}]})
-        yield chunk(i, {}, _finish(out))
+        yield chunk(i, {}, _finish(out), logprobs_of(piece))
     on_done(outputs)
     if include_usage:
         yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
