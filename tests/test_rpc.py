@@ -255,6 +255,25 @@ def test_mem_caps_the_memory_a_server_reports(tmp_path: Path, tiny_f32: Path) ->
         server.kill()
 
 
+def test_cache_keeps_large_tensors_for_the_next_load(tmp_path: Path, gemma_path: Path) -> None:
+    """--cache: tensors over ggml's 10 MiB threshold (Gemma's 170 MiB output
+    matrix) are stored on the server's disk; the next load sends their
+    hashes and the server takes them from there."""
+    cache = tmp_path / "cache"
+    server = RpcServer(tmp_path, None, "--cache", str(cache)).start()
+    cfg = LlmConfig(gemma_path, context_length=256, n_threads=2, rpc_servers=[server.endpoint])
+    one = GenerationConfig(max_tokens=6, temperature=0)
+    try:
+        with LlamaCppBackend(cfg) as b:
+            first = b.generate_raw(PROMPT, one).text
+        stored = [p for p in cache.rglob("*") if p.is_file()]
+        assert stored and max(p.stat().st_size for p in stored) > 10 << 20
+        with LlamaCppBackend(cfg) as b:
+            assert b.generate_raw(PROMPT, one).text == first
+    finally:
+        server.kill()
+
+
 # --- results ----------------------------------------------------------------------------
 
 def test_f32_model_split_over_two_servers_and_the_cpu_is_identical(
