@@ -36,9 +36,19 @@ fi
 # steps still run, only without the proof that they need no network.
 if unshare -n true 2>/dev/null; then
     OFFLINE=(unshare -n)
+    # The smoke tests run an RPC server on 127.0.0.1: in a new network
+    # namespace the loopback interface exists but is down until raised.
+    IP=$(command -v ip || true)
+    if [ -n "$IP" ] && unshare -n "$IP" link set lo up 2>/dev/null; then
+        OFFLINE_LO=(unshare -n sh -c "\"$IP\" link set lo up && exec \"\$@\"" sh)
+    else
+        echo "build_wheel: warning: cannot raise loopback offline; the smoke tests keep the network" >&2
+        OFFLINE_LO=()
+    fi
 else
     echo "build_wheel: warning: 'unshare -n' is not available; offline steps keep the network" >&2
     OFFLINE=()
+    OFFLINE_LO=()
 fi
 
 rm -rf "$WORK"
@@ -113,7 +123,7 @@ cd "$WORK"  # not the repository: the source tree has no compiled engine
 "${OFFLINE[@]}" "${clean_env[@]}" "$SMOKE/xybrid" generate "The three primary colours are" \
     --max-tokens 16 --temperature 0 --threads 2
 echo
-"${OFFLINE[@]}" "${clean_env[@]}" "$SMOKE/pytest" -p no:cacheprovider -q -m smoke \
+"${OFFLINE_LO[@]}" "${clean_env[@]}" "$SMOKE/pytest" -p no:cacheprovider -q -m smoke \
     --rootdir "$REPO" -c "$REPO/pyproject.toml" "$REPO/tests/test_smoke.py"
 cd "$REPO"
 
