@@ -62,16 +62,13 @@ def assert_fresh(backend: LlamaCppBackend, reference: str) -> None:
 #    with no Python pre-check in front of it.
 # ---------------------------------------------------------------------------
 
-# Grammars llama.cpp parses but that allow no token at the first step. Before
-# the shim, accepting the token the chain picked anyway threw
-# std::runtime_error through C ("terminate called ...") or hit GGML_ABORT.
-# (Code points past U+10FFFF and classes that exclude every character are
-# not here: llama.cpp lets partial UTF-8 bytes through for them, so the reply
-# is replacement characters rather than an abort. validate_grammar refuses
-# those; see the validator tests below.)
+# Grammars that pass every static check but allow no token at the first step
+# on this vocabulary (token 2 is the end-of-generation token, refused while
+# the grammar is unfinished). Before the shim, accepting the token the chain
+# picked anyway threw std::runtime_error through C ("terminate called ...").
 DEAD_GRAMMARS = [
-    "root ::= [b-a]",               # an empty character range
-    "root ::= <[999999]>",          # a token id the vocabulary does not have
+    'root ::= <[2]> "a"',
+    'root ::= <[2]>+ [a-z]',
 ]
 
 _NATIVE_CHILD = """
@@ -123,3 +120,84 @@ def test_sampler_accept_of_a_refused_token_raises(tiny_llama_path: Path) -> None
     """, str(tiny_llama_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GrammarError: the grammar does not allow token" in proc.stdout
+
+
+def test_sampler_refuses_an_unusable_grammar_before_llama_cpp(tiny_llama_path: Path) -> None:
+    # The engine's Sampler runs validate_grammar itself (with the vocabulary
+    # size), so every path to llama.cpp (backend, facade, CLI) is covered.
+    from xybrid._native._engine import Model, Sampler
+
+    model = Model(str(tiny_llama_path))
+    with pytest.raises(GrammarError, match=r"token <\[999999\]>"):
+        Sampler(model, grammar="root ::= <[999999]>")
+    with pytest.raises(GrammarError, match="no 'start' rule"):
+        Sampler(model, grammar='root ::= "a"', grammar_root="start")
+    assert Sampler(model, grammar='start ::= "a"', grammar_root="start").n_stages >= 1
+    model.close()
+
+
+# ---------------------------------------------------------------------------
+# validate_grammar proves a grammar can produce output
+# ---------------------------------------------------------------------------
+
+REFUSED_GRAMMARS = [
+    # (grammar, what the message must name)
+    ("root ::= [b-a]", "character range in rule 'root' is empty"),
+    ('root ::= "x" | item\nitem ::= [z-a]', "range in rule 'item' is empty"),
+    ('root ::= "\\U00110000"', "past the last one"),
+    ("root ::= [a-\\U00110000]", "past the last one"),
+    ('root ::= "a" [^\\x00-\\U0010FFFF]', "class in rule 'root' matches no character"),
+    ("root ::= [\\uD800-\\uDFFF]", "matches no character"),
+    ('root ::= "\\x00"', "NUL"),
+    ('root ::= "\\uDC00"', "surrogate"),
+    ("root ::= <[999999]>", "token <[999999]>"),
+    ('root ::= x\nx ::= x? "a"', "rule 'x' is left-recursive"),
+    # Left recursion hidden behind an optional (nullable) rule: llama.cpp's
+    # own check misses some orders of these.
+    ('root ::= opt root "a" | "b"\nopt ::= "c"?', "rule 'root' is left-recursive"),
+    ('root ::= a\na ::= b c\nb ::= "x"*\nc ::= ("y")? a "z" | "w"', "left-recursive"),
+    ('root ::= "a" root', "rule 'root' can never finish"),
+    ('root ::= "x" | tail\ntail ::= "y" tail', "rule 'tail' can never finish"),
+    ("root ::= " + "(" * 300 + '"a"' + ")" * 300, "nest deeper than"),
+    ('root ::= "a"\x00 | "b"', "NUL character"),
+    ('root ::= "\ud800"', "lone surrogate"),
+]
+
+
+@pytest.mark.parametrize(("grammar", "message"), REFUSED_GRAMMARS)
+def test_unusable_grammar_is_refused_naming_the_rule(grammar: str, message: str) -> None:
+    from xybrid.grammar import validate_grammar
+
+    with pytest.raises(GrammarError) as info:
+        validate_grammar(grammar, n_vocab=32000)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("grammar", [
+    'root ::= [a-z]+ | ""',
+    'root ::= "a" root | "b"',
+    'root ::= a\na ::= "x" a | ""',
+    "root ::= [^a]",
+    "root ::= <[5]> | !<[5]>",
+    'root ::= x* "a"\nx ::= "b"',
+    "root ::= " + "(" * 100 + '"a"' + ")" * 100,
+])
+def test_usable_grammar_passes(grammar: str) -> None:
+    from xybrid.grammar import validate_grammar
+
+    assert validate_grammar(grammar, n_vocab=32000) == grammar
+
+
+@pytest.mark.parametrize(("grammar", "message"), [
+    ('root ::= "\\U00110000"', "past the last one"),
+    ('root ::= "a" [^\\x00-\\U0010FFFF]', "matches no character"),
+    ('root ::= "a" root', "can never finish"),
+    ('root ::= opt root "a" | "b"\nopt ::= "c"?', "left-recursive"),
+])
+def test_backend_refuses_it_and_the_next_answer_is_fresh(backend: LlamaCppBackend, reference: str,
+                                                         grammar: str, message: str) -> None:
+    # Before: replacement characters (the first two), a reply cut only by
+    # max_tokens, or llama.cpp's bare "left recursion at index 0".
+    with pytest.raises(GrammarError, match=message):
+        backend.generate_raw(PROMPT, GenerationConfig.greedy(max_tokens=8, grammar=grammar))
+    assert_fresh(backend, reference)

@@ -125,8 +125,10 @@ cdef class Sampler:
         cdef llama_logit_bias * cbias
         cdef int32_t k
         if grammar is not None:
-            if not grammar.strip():
-                raise GrammarError("grammar is empty")
+            # Proven able to produce output before llama.cpp sees it (empty
+            # classes, token ids past the vocabulary, left recursion, rules
+            # that never finish, ...): see xybrid.grammar.validate_grammar.
+            validate_grammar(grammar, n_vocab=self.n_vocab, root=grammar_root)
             bgrammar = grammar.encode("utf-8")
             broot = grammar_root.encode("utf-8")
             take_log_tail()
