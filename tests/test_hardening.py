@@ -201,3 +201,54 @@ def test_backend_refuses_it_and_the_next_answer_is_fresh(backend: LlamaCppBacken
     with pytest.raises(GrammarError, match=message):
         backend.generate_raw(PROMPT, GenerationConfig.greedy(max_tokens=8, grammar=grammar))
     assert_fresh(backend, reference)
+
+
+# ---------------------------------------------------------------------------
+# 2. Parameters: bounds that match the C side, checked in one place
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", 2**31), ("top_k", 2**31), ("repetition_penalty_window", 2**31),
+    ("logprobs", 2**63), ("max_tokens", 10**400),
+    ("temperature", 1e39), ("frequency_penalty", -1e300), ("presence_penalty", 10**400),
+    ("top_p", 10**400), ("repetition_penalty", 1e-50),
+])
+def test_generation_numbers_past_the_c_types_are_typed_errors(field: str, value: Any) -> None:
+    with pytest.raises(InvalidInputError, match=f"GenerationConfig.{field}"):
+        GenerationConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("context_length", 2**31), ("n_batch", 2**40), ("n_ubatch", 2**31), ("gpu_layers", 2**31),
+    ("n_threads", 513), ("parallel", 257), ("max_queued", 2**64),
+])
+def test_load_numbers_past_the_c_types_are_typed_errors(field: str, value: int) -> None:
+    with pytest.raises(InvalidInputError, match=f"LlmConfig.{field}"):
+        LlmConfig("model.gguf", **{field: value})
+
+
+def test_engine_sampler_ints_past_a_c_int_are_typed_errors(tiny_llama_path: Path) -> None:
+    from xybrid._native._engine import Model, Sampler
+
+    model = Model(str(tiny_llama_path))
+    for kwargs in ({"top_k": 2**31}, {"repeat_last_n": -2**40}, {"top_k": "3"},
+                   {"temperature": 1e39}, {"frequency_penalty": 1e300}):
+        with pytest.raises(InvalidInputError):
+            Sampler(model, **kwargs)
+    model.close()
+
+
+def test_penalty_window_minus_one_is_the_whole_context(backend: LlamaCppBackend) -> None:
+    def run(window: int) -> str:
+        config = GenerationConfig.greedy(max_tokens=48, repetition_penalty=3.0,
+                                         repetition_penalty_window=window)
+        return backend.generate_raw(PROMPT, config).text
+
+    whole = run(256)  # the fixture's context_length
+    # -1 used to reach llama.cpp as "0", which turns the penalties off.
+    assert run(-1) == whole
+    assert run(0) != whole, "the penalty must change this reply, or the test proves nothing"
+    # A window past the context is capped at it instead of allocating
+    # 4 bytes per token of the window (2**31 - 1: 8 GiB).
+    assert run(2**31 - 1) == whole

@@ -229,7 +229,9 @@ def _prepare_media(view: ModelView, msgs: list[ChatMessage],
                            n_prompt=chunks.n_tokens)
 
 
-def make_sampler(model: Any, config: GenerationConfig) -> Any:
+def make_sampler(model: Any, config: GenerationConfig, n_ctx: int | None = None) -> Any:
+    """The request's sampler. ``n_ctx`` (the context's size) bounds the
+    penalty window and is what ``repetition_penalty_window=-1`` means."""
     return _engine.Sampler(
         model,
         temperature=config.temperature,
@@ -243,6 +245,7 @@ def make_sampler(model: Any, config: GenerationConfig) -> Any:
         seed=config.seed,
         grammar=grammar_for(config),
         logit_bias=config.logit_bias,
+        n_ctx=n_ctx,
     )
 
 
