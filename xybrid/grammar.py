@@ -47,6 +47,9 @@ MAX_GRAMMAR_BYTES: Final[int] = 64 * 1024
 #: the count is a cheap bound on branching, not a parse.
 MAX_GRAMMAR_ALTERNATIONS: Final[int] = 4096
 
+#: Deepest nesting of subschemas a JSON schema may have to be converted.
+MAX_SCHEMA_DEPTH: Final[int] = 64
+
 #: Deepest nesting of parenthesised groups. llama.cpp's parser recurses once
 #: per level on the C stack; real grammars nest a handful of levels.
 MAX_GRAMMAR_DEPTH: Final[int] = 128
@@ -1061,6 +1064,8 @@ def _compact_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise GrammarError(f"schema value {value!r} is not JSON: {exc}") from None
+    except RecursionError:  # a const / enum value nested past the interpreter's limit
+        raise GrammarError("a schema value ('const' or 'enum') nests too deeply") from None
 
 
 def _decimal(value: object, keyword: str) -> Decimal:
@@ -1099,6 +1104,7 @@ class _SchemaConverter:
         self.strict = strict
         self.prefix = prefix
         self.ref_rules: dict[str, str] = {}
+        self.depth = 0
 
     # -- entry points -------------------------------------------------------
 
@@ -1110,6 +1116,17 @@ class _SchemaConverter:
 
     def visit(self, schema: object, hint: str) -> str:
         """Return a GBNF expression (alternatives allowed) for ``schema``."""
+        # Every nested schema is one more level of Python recursion here (and
+        # of rules in the grammar): bound it well below the interpreter's limit.
+        if self.depth >= MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"schema at {hint!r} nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        self.depth += 1
+        try:
+            return self._visit(schema, hint)
+        finally:
+            self.depth -= 1
+
+    def _visit(self, schema: object, hint: str) -> str:
         if schema is True or (isinstance(schema, Mapping) and not schema):
             return self.rules.primitive("json-value")
         if schema is False:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,21 @@ def _check_int(owner: str, name: str, value: object, minimum: int, requirement: 
             requirement += f" and at most {maximum}"
         raise _fail(owner, name, requirement, value)
     return cast(int, value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(owner: str, name: str, value: str | None) -> None:
+    """Text must be UTF-8 encodable: a lone surrogate (what a broken JSON
+    ``\\ud800`` escape decodes to) is not a character."""
+    if value is None:
+        return
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise InvalidInputError(
+            f"{owner}.{name} contains a lone surrogate U+{ord(found.group()):04X} at index "
+            f"{found.start()}; it is not a character and cannot be encoded")
 
 
 def _check_bool(owner: str, name: str, value: object) -> bool:
@@ -192,6 +208,8 @@ class ChatMessage:
             raise _fail("ChatMessage", "content", "a str", self.content)
         _check_optional_str("ChatMessage", "name", self.name)
         _check_optional_str("ChatMessage", "tool_call_id", self.tool_call_id)
+        for field_name in ("content", "name", "tool_call_id"):
+            _check_encodable("ChatMessage", field_name, getattr(self, field_name))
         from xybrid.media import Audio, Image
 
         media = tuple(self.media) if not isinstance(self.media, tuple) else self.media
@@ -646,6 +664,7 @@ def _normalise_stop_sequences(value: object) -> tuple[str, ...]:
     for item in sequences:
         if not isinstance(item, str) or not item:
             raise _fail(owner, name, "an iterable of non-empty str", item)
+        _check_encodable(owner, name, item)
     return sequences
 
 

@@ -361,7 +361,7 @@ cdef class Generation:
         for s in stops:
             if not isinstance(s, str) or not s:
                 raise InvalidInputError(f"stop sequences must be non-empty strings, got {s!r}")
-            self.stop_bytes.append(s.encode("utf-8"))
+            self.stop_bytes.append(encode_text(s, "stop sequence"))
 
         memset_state(&self.g)
         self.g.wake_fd = -1

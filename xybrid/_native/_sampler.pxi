@@ -129,8 +129,8 @@ cdef class Sampler:
             # classes, token ids past the vocabulary, left recursion, rules
             # that never finish, ...): see xybrid.grammar.validate_grammar.
             validate_grammar(grammar, n_vocab=self.n_vocab, root=grammar_root)
-            bgrammar = grammar.encode("utf-8")
-            broot = grammar_root.encode("utf-8")
+            bgrammar = encode_text(grammar, "grammar")
+            broot = encode_text(grammar_root, "grammar root")
             take_log_tail()
             self.grammar = xy_grammar_init(model.vocab, bgrammar, broot)
             if self.grammar == NULL:
