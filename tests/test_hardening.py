@@ -252,3 +252,191 @@ def test_penalty_window_minus_one_is_the_whole_context(backend: LlamaCppBackend)
     # A window past the context is capped at it instead of allocating
     # 4 bytes per token of the window (2**31 - 1: 8 GiB).
     assert run(2**31 - 1) == whole
+
+
+# ---------------------------------------------------------------------------
+# 3. Every error a user can cause is an XybridError
+# ---------------------------------------------------------------------------
+
+
+def _deep_schema(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    # lone surrogates (what a broken JSON escape decodes to)
+    (lambda: GenerationConfig(stop_sequences=["ok\ud800"]), InvalidInputError),
+    (lambda: __import__("xybrid").ChatMessage.user("hi \udfff"), InvalidInputError),
+    (lambda: GenerationConfig(grammar='root ::= "\ud800"'), None),  # checked when used
+    # deep nesting: schemas, Python-side RecursionError before
+    (lambda: __import__("xybrid.grammar").grammar.json_schema_to_gbnf(_deep_schema(3000)),
+     GrammarError),
+])
+def test_untyped_errors_are_xybrid_errors(make: Any, kind: type[Exception] | None) -> None:
+    if kind is None:
+        make()
+        return
+    with pytest.raises(kind):
+        make()
+
+
+def test_surrogates_in_prompts_are_typed_and_leave_the_backend_fresh(
+        backend: LlamaCppBackend, reference: str) -> None:
+    from xybrid import ChatMessage
+
+    with pytest.raises(InvalidInputError, match="lone surrogate U\\+D800"):
+        backend.generate_raw("a\ud800b", GenerationConfig.greedy(max_tokens=4))
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        backend.generate_raw("ok", GenerationConfig.greedy(max_tokens=4, grammar='root ::= "\ud801"'))
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        backend.generate([ChatMessage("user", "fine", name="n\udc00")],
+                         GenerationConfig.greedy(max_tokens=4))
+    # NUL is a character: it is tokenized, not an error.
+    backend.generate_raw("a\x00b", GenerationConfig.greedy(max_tokens=2))
+    assert_fresh(backend, reference)
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "f", "arguments": ' + "[" * 50_000 + "]" * 50_000 + "}</tool_call>",
+    '<tool_call>{"name": "f", "arguments": "' + "[" * 50_000 + '"}</tool_call>',
+    "[f(a=" + "[" * 5000 + "]" * 5000 + ")]",
+    "<start_function_call>call:f{a:" + "{x:" * 5000 + "1" + "}" * 5001 + "<end_function_call>",
+])
+def test_deeply_nested_tool_call_text_is_text_or_a_tool_call_error(text: str) -> None:
+    from xybrid.errors import ToolCallError
+    from xybrid.tool_calls import ToolCallParser, parse_tool_calls
+
+    try:
+        parse_tool_calls(text)
+    except ToolCallError:
+        pass  # typed: the model began a call that does not parse
+    parser = ToolCallParser("auto", tool_names=("f",))
+    try:
+        for i in range(0, len(text), 97):  # chunk by chunk, as a stream delivers it
+            parser.feed(text[i:i + 97])
+        parser.finish()
+    except ToolCallError:
+        pass
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}" * 120 + "x" + "{% endfor %}" * 120,   # IndentationError
+    "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}",                   # RecursionError
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",        # RecursionError in render
+])
+def test_deep_templates_are_invalid_input(tiny_llama_path: Path, template: str) -> None:
+    from xybrid import ChatMessage
+
+    with pytest.raises(InvalidInputError, match="chat template"):
+        with LlamaCppBackend(tiny_config(tiny_llama_path).replace(chat_template=template)) as b:
+            b.generate([ChatMessage.user("hi")], GenerationConfig.greedy(max_tokens=2))
+
+
+@pytest.mark.parametrize("path", [
+    "/tmp/" + "a" * 5000 + ".gguf",   # ENAMETOOLONG
+    "/dev/null",                      # neither a file nor a folder
+    "model\x00.gguf",                 # NUL byte
+    "/proc/self/fd/../\udcff",         # undecodable name
+])
+def test_unusable_model_paths_are_model_not_found(path: str) -> None:
+    from xybrid.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        LlamaCppBackend(LlmConfig(path)).load()
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "hi", "--model", "/tmp/" + "a" * 5000],
+    ["generate", "hi", "--model", "{model}", "--max-tokens", str(2**40)],
+    ["generate", "hi", "--model", "{model}", "--top-k", str(2**40)],
+    ["generate", "hi", "--model", "{model}", "--temperature", "1e39"],
+    ["generate", "hi", "--model", "{model}", "--ctx-size", str(2**40)],
+    ["generate", "\udcff", "--model", "{model}"],
+    ["generate", "hi", "--model", "{model}", "--stop", "\udcfe"],
+])
+def test_cli_prints_one_error_line_never_a_traceback(tiny_llama_path: Path, argv: list[str]) -> None:
+    argv = [a.replace("{model}", str(tiny_llama_path)) for a in argv]
+    proc = run_child("""
+        import sys
+        from xybrid.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """, *argv)  # (a lone surrogate reaches the child as an undecodable byte, and back)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("xybrid: error: "), proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------
+# 4. Work is bounded before it is done
+# ---------------------------------------------------------------------------
+
+
+def test_a_prompt_far_past_the_context_is_refused_before_tokenizing(
+        backend: LlamaCppBackend, reference: str) -> None:
+    import time
+
+    from xybrid import ChatMessage
+    from xybrid.errors import ContextOverflowError
+
+    huge = "lorem ipsum " * 4_000_000  # 48 MB: tokenizing it took a minute and gigabytes
+    start = time.monotonic()
+    with pytest.raises(ContextOverflowError, match="characters, more than the"):
+        backend.generate_raw(huge, GenerationConfig.greedy(max_tokens=2))
+    with pytest.raises(ContextOverflowError, match="characters, more than the"):
+        backend.generate([ChatMessage.user(huge)], GenerationConfig.greedy(max_tokens=2))
+    assert time.monotonic() - start < 5
+    assert_fresh(backend, reference)
+
+
+def test_the_text_bound_never_refuses_what_fits(backend: LlamaCppBackend) -> None:
+    # The bound is exact in one direction: n_ctx * (longest token) bytes.
+    model = backend._require().model  # the loaded engine model
+    longest = model.max_piece_bytes
+    assert longest >= 1
+    assert max(len(model.token_to_piece(t, special=True)) for t in range(model.n_vocab)) == longest
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    # nested loops that ran for hours holding the backend
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "steps"),
+    ("{{ 'x' * 1000000000 }}", "'\\*' would build"),
+    ("{{ 10 ** 100000000 }}", "'\\*\\*' would build"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s }}", "built a value"),
+    ("{% macro d(s, n) %}{{ d(s ~ s, n - 1) if n else s }}{% endmacro %}{{ d('ab', 40) }}",
+     "built a value"),
+    ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "output passed"),
+])
+def test_template_rendering_has_a_work_bound(tiny_llama_path: Path, template: str,
+                                              message: str) -> None:
+    import time
+
+    from xybrid import ChatMessage
+
+    start = time.monotonic()
+    with LlamaCppBackend(tiny_config(tiny_llama_path).replace(chat_template=template)) as b:
+        with pytest.raises(InvalidInputError, match=message):
+            b.generate([ChatMessage.user("hi")], GenerationConfig.greedy(max_tokens=2))
+    assert time.monotonic() - start < 30
+
+
+def test_bounded_rendering_restores_the_previous_tracer() -> None:
+    from xybrid.chat_templates import JinjaChatTemplate
+    from xybrid.types import ChatMessage
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        return None
+
+    sys.settrace(tracer)
+    try:
+        out = JinjaChatTemplate("{% for m in messages %}[{{ m.content }}]{% endfor %}").render(
+            [ChatMessage.user("a"), ChatMessage.user("b")])
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
+    assert out == "[a][b]"

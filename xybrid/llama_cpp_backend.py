@@ -109,7 +109,7 @@ class _Loaded:
 
     def __post_init__(self) -> None:
         self.view = ModelView(self.model, self.template, self.bos_text, int(self.context.n_ctx),
-                              self.multimodal)
+                              self.multimodal, int(self.model.max_piece_bytes))
 
 
 @dataclass(frozen=True)

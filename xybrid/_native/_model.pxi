@@ -139,6 +139,28 @@ cdef class Model:
         return llama_model_n_ctx_train(self.ptr)
 
     @property
+    def max_piece_bytes(self):
+        """The longest text any single token stands for, in bytes (special
+        tokens spelt out). A text of more than ``n * max_piece_bytes`` bytes
+        is certain to tokenize to more than ``n`` tokens, which lets a prompt
+        far past the context be refused before it is tokenized."""
+        self.check_open()
+        cdef char buf[512]
+        cdef int32_t n_vocab = llama_vocab_n_tokens(self.vocab)
+        cdef int32_t longest = 1
+        cdef int32_t n, i
+        with nogil:
+            for i in range(n_vocab):
+                n = xy_token_to_piece(self.vocab, i, buf, sizeof(buf), 0, 1)
+                if n == XY_CALL_FAILED:
+                    continue
+                if n < 0:
+                    n = -n
+                if n > longest:
+                    longest = n
+        return longest
+
+    @property
     def n_embd(self):
         self.check_open()
         return llama_model_n_embd(self.ptr)
@@ -204,7 +226,7 @@ cdef class Model:
     def meta(self, str key):
         """One GGUF metadata value as a string, or None when absent."""
         self.check_open()
-        cdef bytes bkey = key.encode("utf-8")
+        cdef bytes bkey = encode_text(key, "metadata key")
         cdef int32_t size = 256
         cdef int32_t n
         cdef char * buf
@@ -251,7 +273,7 @@ cdef class Model:
         cdef bytes bname
         cdef const char * cname = NULL
         if name is not None:
-            bname = name.encode("utf-8")
+            bname = encode_text(name, "name")
             cname = bname
         cdef const char * tmpl = llama_model_chat_template(self.ptr, cname)
         if tmpl == NULL:
