@@ -440,3 +440,45 @@ def test_bounded_rendering_restores_the_previous_tracer() -> None:
     finally:
         sys.settrace(None)
     assert out == "[a][b]"
+
+
+# ---------------------------------------------------------------------------
+# Fixes of an earlier session, verified here
+# ---------------------------------------------------------------------------
+
+
+def test_a_refused_request_does_not_corrupt_the_cached_prefix(backend: LlamaCppBackend,
+                                                              reference: str) -> None:
+    # The cache holds PROMPT and more; refused requests with other prompts
+    # must not cut it while its record still describes the old contents.
+    backend.generate_raw(PROMPT + " jumps over", GenerationConfig.greedy(max_tokens=6))
+    refusals = [
+        GenerationConfig.greedy(max_tokens=4, grammar="root ::= [b-a]"),
+        GenerationConfig.greedy(max_tokens=4, json_schema={"type": "string", "pattern": "a+"}),
+        GenerationConfig.greedy(max_tokens=4, grammar="root ::= <[2]> \"a\""),  # fails while decoding
+    ]
+    for config in refusals:
+        with pytest.raises(XybridError):
+            backend.generate_raw("A different prompt altogether", config)
+        assert_fresh(backend, reference)
+
+
+def test_failed_loads_free_their_handles_in_order(tiny_llama_path: Path) -> None:
+    # A broken chat template fails the load after the model and context
+    # exist; the traceback cycle once left both to the cyclic GC, which freed
+    # the model first (use-after-free). Many times over, in a child.
+    proc = run_child("""
+        import gc, sys
+        from xybrid import LlamaCppBackend, LlmConfig
+        from xybrid.errors import InvalidInputError
+        for i in range(30):
+            try:
+                LlamaCppBackend(LlmConfig(sys.argv[1], context_length=128, n_threads=1,
+                                          chat_template="{% for x in %}")).load()
+            except InvalidInputError as exc:
+                err = exc
+            gc.collect()
+        print("survived", type(err).__name__)
+    """, str(tiny_llama_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "survived InvalidInputError" in proc.stdout
