@@ -38,6 +38,8 @@ def _resolve(p: Path) -> Path:
     if not p.exists():
         raise ModelNotFoundError(f"model path not found: {p}")
     if p.is_file():
+        with open(p, "rb"):  # unreadable (EACCES) is OSError, reported by the caller
+            pass
         return p
     if not p.is_dir():
         raise ModelNotFoundError(f"model path is neither a file nor a directory: {p}")
