@@ -584,6 +584,11 @@ class JinjaChatTemplate:
             raise InvalidInputError(
                 f"chat template syntax error at line {exc.lineno}: {exc.message}"
             ) from exc
+        except jinja_sandbox.COMPILE_ERRORS as exc:
+            raise InvalidInputError(
+                f"chat template cannot be compiled: {type(exc).__name__}: {exc} (it nests "
+                "blocks or expressions too deeply)"
+            ) from None
 
     def render(
         self,
@@ -618,7 +623,7 @@ class JinjaChatTemplate:
         from xybrid import jinja_sandbox
 
         try:
-            return self._template.render(context)
+            return jinja_sandbox.render_bounded(self._template, context)
         except InvalidInputError:
             raise
         except jinja_sandbox.RENDER_ERRORS as exc:

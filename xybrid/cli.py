@@ -301,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except XybridError as exc:
-        print(f"xybrid: error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (llama.cpp's log lines).
+        print("xybrid: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -30,6 +30,7 @@ from xybrid.errors import GrammarError, InvalidInputError
 __all__ = [
     "MAX_GRAMMAR_BYTES",
     "MAX_GRAMMAR_ALTERNATIONS",
+    "MAX_GRAMMAR_DEPTH",
     "JSON_OBJECT_GBNF",
     "validate_grammar",
     "json_schema_to_gbnf",
@@ -46,6 +47,16 @@ MAX_GRAMMAR_BYTES: Final[int] = 64 * 1024
 #: the count is a cheap bound on branching, not a parse.
 MAX_GRAMMAR_ALTERNATIONS: Final[int] = 4096
 
+#: Deepest nesting of subschemas a JSON schema may have to be converted.
+MAX_SCHEMA_DEPTH: Final[int] = 64
+
+#: Deepest nesting of parenthesised groups. llama.cpp's parser recurses once
+#: per level on the C stack; real grammars nest a handful of levels.
+MAX_GRAMMAR_DEPTH: Final[int] = 128
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_CODE_POINT = 0x10FFFF
+
 # llama.cpp refuses repetition counts above this (MAX_REPETITION_THRESHOLD).
 _LLAMA_MAX_REPETITION: Final[int] = 2000
 
@@ -55,16 +66,30 @@ _LLAMA_MAX_REPETITION: Final[int] = 2000
 # ---------------------------------------------------------------------------
 
 
-def validate_grammar(gbnf: str) -> str:
+def validate_grammar(gbnf: str, *, n_vocab: int | None = None, root: str = "root") -> str:
     """Check a GBNF grammar before it is handed to llama.cpp; return it unchanged.
 
     Raises :class:`GrammarError` naming the problem when the grammar is larger
     than :data:`MAX_GRAMMAR_BYTES`, has more than
-    :data:`MAX_GRAMMAR_ALTERNATIONS` ``|`` characters, is empty, is not valid
-    GBNF syntax (unterminated literal or character class, unbalanced
-    parentheses, a bad escape or repetition), uses a rule it never defines, or
-    defines no ``root`` rule. Semantic checks that need the vocabulary (token
-    references) or the compiled grammar (left recursion) are left to llama.cpp.
+    :data:`MAX_GRAMMAR_ALTERNATIONS` ``|`` characters, is empty, holds a NUL
+    or a lone surrogate, nests groups deeper than :data:`MAX_GRAMMAR_DEPTH`,
+    is not valid GBNF syntax (unterminated literal or character class,
+    unbalanced parentheses, a bad escape or repetition), uses a rule it never
+    defines, or defines no ``root`` rule (``root`` names the start rule).
+
+    It then proves that the grammar can produce output, since llama.cpp
+    accepts grammars that cannot (and used to abort on the first token):
+
+    - every character range is non-empty, every code point is a character
+      (at most U+10FFFF, not a surrogate, not NUL) and every character class
+      matches at least one character;
+    - with ``n_vocab``, every token id ``<[N]>`` is below it;
+    - no rule is left-recursive, also through rules or groups that can match
+      the empty string (``a ::= b? a "x"``);
+    - every rule reachable from the start rule can finish (derive a finite
+      string): ``root ::= "a" root`` is refused.
+
+    Each refusal names the rule it is about.
     """
     if not isinstance(gbnf, str):
         raise GrammarError(f"grammar must be a str of GBNF text, got {type(gbnf).__name__}")
@@ -81,7 +106,21 @@ def validate_grammar(gbnf: str) -> str:
         )
     if not gbnf.strip():
         raise GrammarError("grammar is empty")
-    _GbnfChecker(gbnf).check()
+    if "\x00" in gbnf:
+        # llama.cpp reads a C string: everything after the NUL would vanish.
+        raise GrammarError(
+            f"grammar contains a NUL character at index {gbnf.index(chr(0))} "
+            "(write \\x00 to mean code point 0)")
+    surrogate = _SURROGATE.search(gbnf)
+    if surrogate is not None:
+        raise GrammarError(
+            f"grammar contains a lone surrogate U+{ord(surrogate.group()):04X} at index "
+            f"{surrogate.start()}; it is not a character")
+    if not isinstance(root, str) or not root:
+        raise GrammarError(f"the start rule name must be a non-empty str, got {root!r}")
+    checker = _GbnfChecker(gbnf, root)
+    checker.check()
+    _GbnfAnalysis(checker.rules, root, n_vocab).check()
     return gbnf
 
 
@@ -98,11 +137,16 @@ class _GbnfChecker:
     references for the root / undefined-rule checks.
     """
 
-    def __init__(self, src: str) -> None:
+    def __init__(self, src: str, root: str = "root") -> None:
         self.src = src
         self.n = len(src)
+        self.root = root
         self.defined: set[str] = set()
         self.references: dict[str, int] = {}
+        # name -> alternatives (several definitions of a name add alternatives,
+        # as in llama.cpp); each alternative is a list of _Item.
+        self.rules: dict[str, list[list[_Item]]] = {}
+        self.depth = 0
 
     # -- diagnostics --------------------------------------------------------
 
@@ -152,17 +196,23 @@ class _GbnfChecker:
 
     def char(self, pos: int) -> int:
         """Skip one (possibly escaped) character of a literal or class."""
+        return self.char_value(pos)[0]
+
+    def char_value(self, pos: int) -> tuple[int, int]:
+        """One (possibly escaped) character of a literal or class: the
+        position after it and its code point."""
         if self.at(pos) != "\\":
-            return pos + 1
+            return pos + 1, ord(self.src[pos])
         kind = self.at(pos + 1)
         hex_digits = {"x": 2, "u": 4, "U": 8}.get(kind)
         if hex_digits is not None:
             digits = self.src[pos + 2 : pos + 2 + hex_digits]
             if len(digits) != hex_digits or any(c not in "0123456789abcdefABCDEF" for c in digits):
                 raise self.error(pos, f"escape \\{kind} needs {hex_digits} hex digits")
-            return pos + 2 + hex_digits
-        if kind and kind in 'trn\\"[]-':
-            return pos + 2
+            return pos + 2 + hex_digits, int(digits, 16)
+        simple = {"t": 9, "r": 13, "n": 10, "\\": 92, '"': 34, "[": 91, "]": 93, "-": 45}
+        if kind and kind in simple:
+            return pos + 2, simple[kind]
         raise self.error(pos, f"unknown escape '\\{kind}'")
 
     # -- grammar structure --------------------------------------------------
@@ -171,8 +221,9 @@ class _GbnfChecker:
         pos = self.space(0, True)
         while pos < self.n:
             pos = self.rule(pos)
-        if "root" not in self.defined:
-            raise GrammarError("grammar defines no 'root' rule (generation starts at 'root')")
+        if self.root not in self.defined:
+            raise GrammarError(
+                f"grammar defines no {self.root!r} rule (generation starts at {self.root!r})")
         for name, where in self.references.items():
             if name not in self.defined:
                 raise self.error(where, f"rule {name!r} is used but never defined")
@@ -184,7 +235,9 @@ class _GbnfChecker:
         if not self.src.startswith("::=", pos):
             raise self.error(pos, f"expected '::=' after rule name {name!r}")
         self.defined.add(name)
-        pos = self.alternates(self.space(pos + 3, True), nested=False)
+        alts: list[list[_Item]] = []
+        pos = self.alternates(self.space(pos + 3, True), nested=False, out=alts, rule=name)
+        self.rules.setdefault(name, []).extend(alts)
         c = self.at(pos)
         if c == "\r":
             pos += 2 if self.at(pos + 1) == "\n" else 1
@@ -200,65 +253,119 @@ class _GbnfChecker:
             raise self.error(pos, f"unexpected {c!r} in the body of rule {name!r}")
         return self.space(pos, True)
 
-    def alternates(self, pos: int, nested: bool) -> int:
-        pos = self.sequence(pos, nested)
+    def alternates(self, pos: int, nested: bool, out: list[list[_Item]], rule: str) -> int:
+        items: list[_Item] = []
+        pos = self.sequence(pos, nested, items, rule)
+        out.append(items)
         while self.at(pos) == "|":
-            pos = self.sequence(self.space(pos + 1, True), nested)
+            items = []
+            pos = self.sequence(self.space(pos + 1, True), nested, items, rule)
+            out.append(items)
         return pos
 
-    def sequence(self, pos: int, nested: bool) -> int:
+    def sequence(self, pos: int, nested: bool, items: list[_Item], rule: str) -> int:
         has_item = False
         while pos < self.n:
             c = self.src[pos]
             start = pos
             if c == '"':
                 pos += 1
+                chars: list[int] = []
                 while self.at(pos) != '"':
                     if pos >= self.n:
                         raise self.error(start, "unterminated string literal")
-                    pos = self.char(pos)
+                    pos, cp = self.char_value(pos)
+                    chars.append(cp)
+                bad = next((cp for cp in chars if not _is_character(cp)), None)
+                if bad is not None:
+                    raise self.error(start, f"the literal in rule {rule!r} holds "
+                                            f"{_describe_code_point(bad)}, which no text can contain")
+                literal = _Item("literal", start)
+                if not chars:
+                    literal.optional()  # "" matches the empty string
+                items.append(literal)
                 pos = self.space(pos + 1, nested)
             elif c == "[":
                 pos += 1
-                if self.at(pos) == "^":
+                negated = self.at(pos) == "^"
+                if negated:
                     pos += 1
+                ranges: list[tuple[int, int]] = []
                 while self.at(pos) != "]":
                     if pos >= self.n:
                         raise self.error(start, "unterminated character class '['")
-                    pos = self.char(pos)
+                    here = pos
+                    pos, lo = self.char_value(pos)
+                    hi = lo
                     if self.at(pos) == "-" and self.at(pos + 1) != "]":
                         if pos + 1 >= self.n:
                             raise self.error(start, "unterminated character class '['")
-                        pos = self.char(pos + 1)
+                        pos, hi = self.char_value(pos + 1)
+                    if hi < lo:
+                        raise self.error(here, f"the character range in rule {rule!r} is empty "
+                                               f"(U+{lo:04X} is after U+{hi:04X})")
+                    for cp in (lo, hi):
+                        if cp > _MAX_CODE_POINT:
+                            raise self.error(here, f"the character class in rule {rule!r} holds "
+                                                   f"{_describe_code_point(cp)}")
+                    ranges.append((lo, hi))
+                if not _class_matches_something(ranges, negated):
+                    raise self.error(start, f"the character class in rule {rule!r} matches no "
+                                            "character")
+                items.append(_Item("class", start))
                 pos = self.space(pos + 1, nested)
             elif c in "<!":
+                items.append(_Item("token", start, token=self.token_id(pos)))
                 pos = self.token(pos)
                 pos = self.space(pos, nested)
             elif _is_word_char(c):
                 end = self.name_end(pos)
-                self.references.setdefault(self.src[pos:end], pos)
+                name = self.src[pos:end]
+                self.references.setdefault(name, pos)
+                items.append(_Item("ref", start, ref=name))
                 pos = self.space(end, nested)
             elif c == "(":
-                pos = self.alternates(self.space(pos + 1, True), nested=True)
+                self.depth += 1
+                if self.depth > MAX_GRAMMAR_DEPTH:
+                    raise self.error(start, f"groups in rule {rule!r} nest deeper than "
+                                            f"{MAX_GRAMMAR_DEPTH} levels")
+                group: list[list[_Item]] = []
+                pos = self.alternates(self.space(pos + 1, True), nested=True, out=group, rule=rule)
+                self.depth -= 1
                 if self.at(pos) != ")":
                     raise self.error(start, "unclosed '(' (no matching ')')")
+                items.append(_Item("group", start, group=group))
                 pos = self.space(pos + 1, nested)
             elif c == ".":
+                items.append(_Item("any", start))
                 pos = self.space(pos + 1, nested)
             elif c in "*+?":
                 if not has_item:
                     raise self.error(pos, f"'{c}' has nothing before it to repeat")
+                if c != "+":
+                    items[-1] = items[-1].optional()
                 pos = self.space(pos + 1, nested)
                 continue
             elif c == "{":
                 if not has_item:
                     raise self.error(pos, "'{' has nothing before it to repeat")
-                pos = self.repetition(pos, nested)
+                pos, low = self.repetition(pos, nested)
+                if low == 0:
+                    items[-1] = items[-1].optional()
                 continue
             else:
                 break
             has_item = True
         return pos
+
+    def token_id(self, pos: int) -> int | None:
+        """The id of a ``<[N]>`` token reference at ``pos`` (after any ``!``)."""
+        if self.at(pos) == "!":
+            return None  # "any token but N" always has some token to match
+        if self.src.startswith("<[", pos):
+            end = self.int_end(pos + 2)
+            return int(self.src[pos + 2 : end])
+        return None
 
     def token(self, pos: int) -> int:
         start = pos
@@ -277,7 +384,7 @@ class _GbnfChecker:
             raise self.error(start, "unterminated token reference '<'")
         return close + 1
 
-    def repetition(self, pos: int, nested: bool) -> int:
+    def repetition(self, pos: int, nested: bool) -> tuple[int, int]:
         start = pos
         pos = self.space(pos + 1, nested)
         end = self.int_end(pos)
@@ -300,7 +407,195 @@ class _GbnfChecker:
                 start,
                 f"repetition count {low} is over llama.cpp's limit of {_LLAMA_MAX_REPETITION}",
             )
-        return self.space(pos + 1, nested)
+        return self.space(pos + 1, nested), low
+
+
+def _is_character(cp: int) -> bool:
+    """A code point that UTF-8 text (and so a token's piece) can hold."""
+    return 0 < cp <= _MAX_CODE_POINT and not 0xD800 <= cp <= 0xDFFF
+
+
+def _describe_code_point(cp: int) -> str:
+    if cp > _MAX_CODE_POINT:
+        return f"code point U+{cp:04X}, past the last one (U+10FFFF)"
+    if cp == 0:
+        return "code point U+0000 (NUL)"
+    return f"the surrogate U+{cp:04X}"
+
+
+def _class_matches_something(ranges: list[tuple[int, int]], negated: bool) -> bool:
+    """Whether a character class matches at least one character."""
+    # The characters are 1..0xD7FF and 0xE000..0x10FFFF.
+    segments = ((1, 0xD7FF), (0xE000, _MAX_CODE_POINT))
+    if not negated:
+        return any(lo <= seg_hi and hi >= seg_lo
+                   for lo, hi in ranges for seg_lo, seg_hi in segments)
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    # Negated: some character must lie outside every range.
+    for seg_lo, seg_hi in segments:
+        cursor = seg_lo
+        for lo, hi in merged:
+            if hi < cursor:
+                continue
+            if lo > cursor:
+                break
+            cursor = hi + 1
+        if cursor <= seg_hi:
+            return True
+    return False
+
+
+class _Item:
+    """One element of a GBNF sequence, as far as the analysis needs it."""
+
+    __slots__ = ("kind", "pos", "ref", "group", "token", "nullable_by_repeat")
+
+    def __init__(self, kind: str, pos: int, *, ref: str = "",
+                 group: list[list[_Item]] | None = None, token: int | None = None) -> None:
+        self.kind = kind
+        self.pos = pos
+        self.ref = ref
+        self.group = group or []
+        self.token = token
+        self.nullable_by_repeat = False
+
+    def optional(self) -> _Item:
+        """This item under ``*``, ``?`` or ``{0,...}``: it may match nothing."""
+        self.nullable_by_repeat = True
+        return self
+
+
+class _GbnfAnalysis:
+    """Proves a parsed grammar usable: token ids in range, no left recursion
+    (nullable prefixes included), every reachable rule able to finish."""
+
+    def __init__(self, rules: dict[str, list[list[_Item]]], root: str, n_vocab: int | None) -> None:
+        self.rules = rules
+        self.root = root
+        self.n_vocab = n_vocab
+        self.nullable: dict[str, bool] = {}
+        self.productive: dict[str, bool] = {}
+
+    def check(self) -> None:
+        self._check_tokens()
+        self._fixpoints()
+        self._check_left_recursion()
+        self._check_finishes()
+
+    # -- item predicates, given the current rule tables ---------------------
+
+    def _item_nullable(self, item: _Item) -> bool:
+        if item.nullable_by_repeat:
+            return True
+        if item.kind == "ref":
+            return self.nullable.get(item.ref, False)
+        if item.kind == "group":
+            return any(all(self._item_nullable(i) for i in alt) for alt in item.group)
+        return False
+
+    def _item_productive(self, item: _Item) -> bool:
+        if item.nullable_by_repeat:
+            return True
+        if item.kind == "ref":
+            return self.productive.get(item.ref, False)
+        if item.kind == "group":
+            return any(all(self._item_productive(i) for i in alt) for alt in item.group)
+        return True  # literals, classes, tokens and '.' match something
+
+    def _fixpoints(self) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for name, alts in self.rules.items():
+                if not self.nullable.get(name) and any(
+                        all(self._item_nullable(i) for i in alt) for alt in alts):
+                    self.nullable[name] = True
+                    changed = True
+                if not self.productive.get(name) and any(
+                        all(self._item_productive(i) for i in alt) for alt in alts):
+                    self.productive[name] = True
+                    changed = True
+
+    # -- the checks ------------------------------------------------------------
+
+    def _walk(self, alts: list[list[_Item]]) -> list[_Item]:
+        out: list[_Item] = []
+        for alt in alts:
+            for item in alt:
+                out.append(item)
+                if item.kind == "group":
+                    out.extend(self._walk(item.group))
+        return out
+
+    def _check_tokens(self) -> None:
+        if self.n_vocab is None:
+            return
+        for name, alts in self.rules.items():
+            for item in self._walk(alts):
+                if item.token is not None and not 0 <= item.token < self.n_vocab:
+                    raise GrammarError(
+                        f"rule {name!r} refers to token <[{item.token}]>, but the vocabulary "
+                        f"has tokens 0..{self.n_vocab - 1}")
+
+    def _left_refs(self, alts: list[list[_Item]]) -> list[str]:
+        """Rules that may be expanded at the very start of these alternatives:
+        each alternative's items up to and including the first that cannot
+        match the empty string."""
+        refs: list[str] = []
+        for alt in alts:
+            for item in alt:
+                if item.kind == "ref":
+                    refs.append(item.ref)
+                elif item.kind == "group":
+                    refs.extend(self._left_refs(item.group))
+                if not self._item_nullable(item):
+                    break
+        return refs
+
+    def _check_left_recursion(self) -> None:
+        edges = {name: self._left_refs(alts) for name, alts in self.rules.items()}
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        for start in self.rules:
+            if state.get(start):
+                continue
+            path = [start]
+            stack = [iter(edges[start])]
+            state[start] = 1
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    state[path.pop()] = 2
+                    stack.pop()
+                    continue
+                if state.get(nxt) == 1:
+                    cycle = path[path.index(nxt):] + [nxt]
+                    raise GrammarError(
+                        f"rule {nxt!r} is left-recursive ({' -> '.join(cycle)}, each step able "
+                        "to start without consuming text); llama.cpp cannot run it. Rewrite it "
+                        "with repetition, e.g. a ::= b (\"x\" b)*")
+                if not state.get(nxt) and nxt in edges:
+                    state[nxt] = 1
+                    path.append(nxt)
+                    stack.append(iter(edges[nxt]))
+
+    def _check_finishes(self) -> None:
+        seen = {self.root}
+        todo = [self.root]
+        while todo:
+            name = todo.pop()
+            if not self.productive.get(name):
+                raise GrammarError(
+                    f"rule {name!r} can never finish: every alternative of it needs a rule that "
+                    "never finishes (often itself), so no reply could ever be complete")
+            for item in self._walk(self.rules.get(name, [])):
+                if item.kind == "ref" and item.ref not in seen:
+                    seen.add(item.ref)
+                    todo.append(item.ref)
 
 
 # ---------------------------------------------------------------------------
@@ -769,6 +1064,8 @@ def _compact_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise GrammarError(f"schema value {value!r} is not JSON: {exc}") from None
+    except RecursionError:  # a const / enum value nested past the interpreter's limit
+        raise GrammarError("a schema value ('const' or 'enum') nests too deeply") from None
 
 
 def _decimal(value: object, keyword: str) -> Decimal:
@@ -807,6 +1104,7 @@ class _SchemaConverter:
         self.strict = strict
         self.prefix = prefix
         self.ref_rules: dict[str, str] = {}
+        self.depth = 0
 
     # -- entry points -------------------------------------------------------
 
@@ -818,6 +1116,17 @@ class _SchemaConverter:
 
     def visit(self, schema: object, hint: str) -> str:
         """Return a GBNF expression (alternatives allowed) for ``schema``."""
+        # Every nested schema is one more level of Python recursion here (and
+        # of rules in the grammar): bound it well below the interpreter's limit.
+        if self.depth >= MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"schema at {hint!r} nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        self.depth += 1
+        try:
+            return self._visit(schema, hint)
+        finally:
+            self.depth -= 1
+
+    def _visit(self, schema: object, hint: str) -> str:
         if schema is True or (isinstance(schema, Mapping) and not schema):
             return self.rules.primitive("json-value")
         if schema is False:

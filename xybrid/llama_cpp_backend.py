@@ -109,7 +109,7 @@ class _Loaded:
 
     def __post_init__(self) -> None:
         self.view = ModelView(self.model, self.template, self.bos_text, int(self.context.n_ctx),
-                              self.multimodal)
+                              self.multimodal, int(self.model.max_piece_bytes))
 
 
 @dataclass(frozen=True)
@@ -594,7 +594,7 @@ class LlamaCppBackend(LlmBackend):
             prepared = prepare(loaded.view, config)
             # The sampler (which can refuse the grammar) before any cache
             # surgery: a refused request leaves the cache as it was.
-            sampler = make_sampler(loaded.model, config)
+            sampler = make_sampler(loaded.model, config, loaded.view.n_ctx)
             tail, n_past, start_ns = self._apply_plan(loaded, prepared, config)
             run = dict(max_tokens=config.max_tokens, n_past=n_past, seq_id=_SEQ,
                        stop=prepared.stops or None, logits_ready=not tail,
@@ -629,7 +629,7 @@ class LlamaCppBackend(LlmBackend):
         with self._locked():
             loaded = self._require(live=True)
             prepared = prepare(loaded.view, config)
-            sampler = make_sampler(loaded.model, config)
+            sampler = make_sampler(loaded.model, config, loaded.view.n_ctx)
             tail, n_past, start_ns = self._apply_plan(loaded, prepared, config)
             gen = loaded.context.stream(tail, sampler, max_tokens=config.max_tokens,
                                         n_past=n_past, seq_id=_SEQ, stop=prepared.stops or None,
@@ -716,7 +716,7 @@ class LlamaCppBackend(LlmBackend):
         with self._lock:
             loaded = self._require(live=True)
             prepared = prepare(loaded.view, config)
-            sampler = make_sampler(loaded.model, config)
+            sampler = make_sampler(loaded.model, config, loaded.view.n_ctx)
             media = {}
             if prepared.chunks is not None:
                 media = {"mm": loaded.multimodal, "chunks": prepared.chunks}

@@ -68,6 +68,9 @@ class ModelView:
     bos_text: str
     n_ctx: int
     multimodal: Any = None  # _engine.Multimodal when a projector is loaded
+    # The model's longest token text in bytes (Model.max_piece_bytes); 0 when
+    # unknown. Bounds the prompt text that can still fit before tokenizing.
+    max_piece_bytes: int = 0
 
 
 @dataclass
@@ -145,7 +148,26 @@ def _check_fits(tokens: list[int], n_ctx: int) -> None:
             f"{n_ctx} tokens; shorten the prompt or the conversation history")
 
 
+def check_text_fits(view: ModelView, text: str) -> None:
+    """Refuse text that cannot fit the context before tokenizing it: no token
+    stands for more than ``max_piece_bytes`` bytes, so more than
+    ``n_ctx * max_piece_bytes`` bytes are more than ``n_ctx`` tokens. (A
+    100 MB prompt used to be tokenized in full, for a minute and gigabytes,
+    only to be refused afterwards.) Characters are counted, not bytes: each
+    is at least one byte, and counting needs no copy of the text."""
+    if view.max_piece_bytes <= 0:
+        return
+    bound = view.n_ctx * view.max_piece_bytes
+    if len(text) > bound:
+        raise ContextOverflowError(
+            f"input too long: the prompt has {len(text)} characters, more than the "
+            f"{bound} that could fit the context window of {view.n_ctx} tokens (no token "
+            f"of this model is longer than {view.max_piece_bytes} bytes); shorten the "
+            "prompt or the conversation history")
+
+
 def tokenize_chat(view: ModelView, prompt: str) -> list[int]:
+    check_text_fits(view, prompt)
     tokens: list[int] = view.model.tokenize(prompt, add_special=True, parse_special=True)
     # Templates that write the BOS text themselves would otherwise get a
     # second BOS from the tokenizer.
@@ -178,6 +200,7 @@ def prepare_raw(view: ModelView, prompt: str | Sequence[int],
     """Tokens for a raw continuation: text (BOS added) or token ids as given."""
     check_raw_prompt(prompt)
     if isinstance(prompt, str):
+        check_text_fits(view, prompt)
         tokens = view.model.tokenize(prompt, add_special=True, parse_special=True)
     else:
         tokens = list(prompt)
@@ -219,6 +242,7 @@ def _prepare_media(view: ModelView, msgs: list[ChatMessage],
     prompt = view.template.render(rendered, add_generation_prompt=True, tools=tools)
     if view.bos_text and prompt.startswith(view.bos_text):
         prompt = prompt[len(view.bos_text):]  # mtmd adds the BOS itself
+    check_text_fits(view, prompt)
     chunks = mm.tokenize(prompt, items)
     if chunks.n_pos >= view.n_ctx:
         raise ContextOverflowError(
@@ -229,7 +253,9 @@ def _prepare_media(view: ModelView, msgs: list[ChatMessage],
                            n_prompt=chunks.n_tokens)
 
 
-def make_sampler(model: Any, config: GenerationConfig) -> Any:
+def make_sampler(model: Any, config: GenerationConfig, n_ctx: int | None = None) -> Any:
+    """The request's sampler. ``n_ctx`` (the context's size) bounds the
+    penalty window and is what ``repetition_penalty_window=-1`` means."""
     return _engine.Sampler(
         model,
         temperature=config.temperature,
@@ -243,6 +269,7 @@ def make_sampler(model: Any, config: GenerationConfig) -> Any:
         seed=config.seed,
         grammar=grammar_for(config),
         logit_bias=config.logit_bias,
+        n_ctx=n_ctx,
     )
 
 

@@ -114,7 +114,7 @@ class ToolCallEvent:
     @property
     def parsed_arguments(self) -> dict[str, Any]:
         """The arguments as a dict."""
-        value = json.loads(self.arguments)
+        value = _json_loads(self.arguments)
         assert isinstance(value, dict)
         return value
 
@@ -151,7 +151,10 @@ _CALL_KEYS: Final[frozenset[str]] = frozenset({"name", "arguments", "parameters"
 
 
 def _compact(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise ValueError("the value nests too deeply") from None
 
 
 def _call_from_object(obj: object, *, shape_only: bool) -> tuple[str, str]:
@@ -177,7 +180,7 @@ def _call_from_object(obj: object, *, shape_only: bool) -> tuple[str, str]:
     if isinstance(args, str):
         text = args.strip()
         try:
-            args = json.loads(text) if text else {}
+            args = _json_loads(text) if text else {}
         except json.JSONDecodeError as exc:
             raise ValueError(f"the arguments string is not JSON: {exc}") from None
     if not isinstance(args, dict):
@@ -196,7 +199,7 @@ def _calls_from_json(text: str, *, shape_only: bool) -> list[tuple[str, str]]:
     pos = 0
     while pos < len(text):
         try:
-            value, end = decoder.raw_decode(text, pos)
+            value, end = _raw_decode(decoder, text, pos)
         except json.JSONDecodeError as exc:
             raise ValueError(f"invalid JSON: {exc}") from None
         values.append(value)
@@ -247,6 +250,23 @@ def _python_value(node: ast.expr) -> object:
     raise ValueError(f"unsupported expression {ast.dump(node)[:60]}")
 
 
+def _raw_decode(decoder: json.JSONDecoder, text: str, pos: int) -> tuple[Any, int]:
+    try:
+        return decoder.raw_decode(text, pos)
+    except RecursionError:
+        raise json.JSONDecodeError("JSON nests too deeply", text, pos) from None
+
+
+def _json_loads(text: str) -> Any:
+    """json.loads for text a model wrote: nesting past the interpreter's
+    recursion limit is a JSONDecodeError like any other malformed JSON (the
+    callers already treat that as "not a call"), never a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("JSON nests too deeply", text, 0) from None
+
+
 def _dotted_name(node: ast.expr) -> str:
     if isinstance(node, ast.Name):
         return node.id
@@ -257,6 +277,14 @@ def _dotted_name(node: ast.expr) -> str:
 
 def _calls_from_python(text: str) -> list[tuple[str, str]]:
     """Calls written as Python: ``f(a=1)``, one per line, or ``[f(a=1), g()]``."""
+    try:
+        return _calls_from_python_tree(text)
+    except (RecursionError, MemoryError):
+        # ast and the value walk recurse per nesting level.
+        raise ValueError("not a Python call: it nests too deeply") from None
+
+
+def _calls_from_python_tree(text: str) -> list[tuple[str, str]]:
     try:
         tree = ast.parse(text.strip(), mode="exec")
     except SyntaxError as exc:
@@ -323,7 +351,7 @@ class _GemmaArgs:
         if s[self.i] == "[":
             return self.arr()
         if s[self.i] == '"':
-            value, self.i = json.JSONDecoder().raw_decode(s, self.i)
+            value, self.i = _raw_decode(json.JSONDecoder(), s, self.i)
             return value
         match = re.compile(r"[^,}\]]*").match(s, self.i)
         assert match is not None
@@ -332,7 +360,7 @@ class _GemmaArgs:
         if not token:
             raise ValueError("missing value")
         try:
-            return json.loads(token)
+            return _json_loads(token)
         except json.JSONDecodeError:
             return token  # an unquoted word: read it as a string
 
@@ -398,7 +426,10 @@ def _calls_from_gemma(text: str, quote: str) -> list[tuple[str, str]]:
         raise ValueError("the call has no name")
     reader = _GemmaArgs(body, quote)
     reader.i = brace
-    args = reader.obj()
+    try:
+        args = reader.obj()
+    except RecursionError:  # one Python frame per nesting level
+        raise ValueError("the arguments nest too deeply") from None
     if body[reader.i :].strip():
         raise ValueError("unexpected text after the arguments")
     return [(name, _compact(args))]
@@ -420,7 +451,7 @@ def _calls_from_hermes(text: str) -> list[tuple[str, str]]:
             for key, raw in _QWEN_PARAMETER.findall(inner):
                 value = raw.strip("\n")
                 try:
-                    args[key] = json.loads(value)
+                    args[key] = _json_loads(value)
                 except json.JSONDecodeError:
                     args[key] = value
             calls.append((name, _compact(args)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast, get_args
@@ -58,10 +60,39 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(owner: str, name: str, value: object, minimum: int, requirement: str) -> int:
-    if not _is_int(value) or cast(int, value) < minimum:
+#: The C side holds these numbers as int32_t / float: the bounds every
+#: numeric setting is checked against (one place, here), so a value past
+#: them is InvalidInputError instead of an OverflowError or a silent inf.
+INT32_MAX: Final[int] = 0x7FFFFFFF
+FLOAT32_MAX: Final[float] = 3.4028234663852886e38
+#: llama.cpp's own limits: sequences per context (LLAMA_MAX_SEQ) and compute
+#: threads (GGML_MAX_N_THREADS).
+MAX_PARALLEL: Final[int] = 256
+MAX_THREADS: Final[int] = 512
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int, requirement: str,
+               maximum: int = INT32_MAX) -> int:
+    if not _is_int(value) or not minimum <= cast(int, value) <= maximum:
+        if _is_int(value) and cast(int, value) > maximum:
+            requirement += f" and at most {maximum}"
         raise _fail(owner, name, requirement, value)
     return cast(int, value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(owner: str, name: str, value: str | None) -> None:
+    """Text must be UTF-8 encodable: a lone surrogate (what a broken JSON
+    ``\\ud800`` escape decodes to) is not a character."""
+    if value is None:
+        return
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise InvalidInputError(
+            f"{owner}.{name} contains a lone surrogate U+{ord(found.group()):04X} at index "
+            f"{found.start()}; it is not a character and cannot be encoded")
 
 
 def _check_bool(owner: str, name: str, value: object) -> bool:
@@ -73,9 +104,12 @@ def _check_bool(owner: str, name: str, value: object) -> bool:
 def _as_finite_float(owner: str, name: str, value: object, requirement: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(owner, name, requirement, value)
-    number = float(value)
-    if not math.isfinite(number):
-        raise _fail(owner, name, requirement, value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the largest double
+        raise _fail(owner, name, requirement, value) from None
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise _fail(owner, name, requirement + " (and finite as a C float)", value)
     return number
 
 
@@ -174,6 +208,8 @@ class ChatMessage:
             raise _fail("ChatMessage", "content", "a str", self.content)
         _check_optional_str("ChatMessage", "name", self.name)
         _check_optional_str("ChatMessage", "tool_call_id", self.tool_call_id)
+        for field_name in ("content", "name", "tool_call_id"):
+            _check_encodable("ChatMessage", field_name, getattr(self, field_name))
         from xybrid.media import Audio, Image
 
         media = tuple(self.media) if not isinstance(self.media, tuple) else self.media
@@ -378,7 +414,8 @@ class LlmConfig:
                 owner, "gpu_layers", gpu_layers, -1, "an integer >= -1 (-1 offloads all layers)"
             ),
             "n_threads": _check_int(
-                owner, "n_threads", n_threads, 0, "an integer >= 0 (0 picks automatically)"
+                owner, "n_threads", n_threads, 0, "an integer >= 0 (0 picks automatically)",
+                MAX_THREADS,
             ),
             "n_batch": _check_int(owner, "n_batch", n_batch, 1, "a positive integer"),
             "n_ubatch": _check_int(owner, "n_ubatch", n_ubatch, 1, "a positive integer"),
@@ -389,7 +426,8 @@ class LlmConfig:
             "mmproj_path": _check_optional_str(owner, "mmproj_path", mmproj_path),
             "model_sha256": _check_sha256(owner, "model_sha256", model_sha256),
             "mmproj_sha256": _check_sha256(owner, "mmproj_sha256", mmproj_sha256),
-            "parallel": _check_int(owner, "parallel", parallel, 1, "a positive integer"),
+            "parallel": _check_int(owner, "parallel", parallel, 1, "a positive integer",
+                                   MAX_PARALLEL),
             "max_queued": _check_int(
                 owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)"
             ),
@@ -425,7 +463,12 @@ class GenerationConfig:
       quality; values above 1 discourage repeats.
     - ``repetition_penalty_window=64``: how many recent tokens the penalties
       look at; ``0`` turns the window (and so all penalties) off and ``-1``
-      means the whole context, matching llama.cpp's ``penalty_last_n``.
+      means the whole context (the backend's ``context_length``). A window
+      larger than the context is capped at it.
+
+    Every integer must fit the C ``int32_t`` that llama.cpp holds it in and
+    every float must be finite as a C ``float``; anything else is
+    :class:`~xybrid.errors.InvalidInputError`.
     - ``frequency_penalty=0.0``, ``presence_penalty=0.0`` (OpenAI semantics).
     - ``seed=None``: a fresh random seed per call; an int in
       ``0..MAX_SEED`` makes sampling reproducible.
@@ -533,7 +576,8 @@ class GenerationConfig:
         penalty = _as_finite_float(
             owner, "repetition_penalty", repetition_penalty, "a finite number > 0"
         )
-        if penalty <= 0.0:
+        if penalty <= 0.0 or struct.unpack("f", struct.pack("f", penalty))[0] == 0.0:
+            # (a positive double that a C float rounds to 0 would divide by 0)
             raise _fail(owner, "repetition_penalty", "a finite number > 0", repetition_penalty)
         if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
             raise _fail(owner, "seed", f"None or an integer in [0, {MAX_SEED}]", seed)
@@ -620,6 +664,7 @@ def _normalise_stop_sequences(value: object) -> tuple[str, ...]:
     for item in sequences:
         if not isinstance(item, str) or not item:
             raise _fail(owner, name, "an iterable of non-empty str", item)
+        _check_encodable(owner, name, item)
     return sequences
 
 

@@ -60,6 +60,28 @@ cdef str take_log_tail():
     return buf[:n].decode("utf-8", "replace").strip()
 
 
+cdef object checked_int(str name, object value, object low, object high):
+    """``value`` as a Python int in [low, high], else InvalidInputError: a C
+    int argument given a Python int out of its range would otherwise be an
+    OverflowError (or wrap around)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidInputError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+cdef bytes encode_text(str text, str what):
+    """UTF-8 bytes of ``text``; a lone surrogate (which UTF-8 cannot hold) is
+    InvalidInputError naming where it sits, not a UnicodeEncodeError."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} contains a lone surrogate U+{ord(text[exc.start]):04X} at index "
+            f"{exc.start}; it is not a character and cannot be encoded") from None
+
+
 cdef int ensure_backend() except -1:
     """Initialise llama.cpp once per process. It is never torn down: the OS
     reclaims it at exit, and re-initialising after a free is not supported."""

@@ -214,8 +214,8 @@ cdef class Context:
             return True
         return False
 
-    def generate(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
-                 int seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
+    def generate(self, tokens, Sampler sampler not None, *, max_tokens=256, n_past=0,
+                 seq_id=0, stop=None, on_text=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
                  bint logits_ready=False, bint render_special=False,
                  int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US, logprobs=None):
         """Decode ``tokens`` after ``n_past`` cached positions of ``seq_id``
@@ -247,7 +247,9 @@ cdef class Context:
         self.check_idle()
         check_non_negative("chunk_interval_us", chunk_interval_us)
         cdef Generation gen = Generation.__new__(Generation)
-        gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop,
+        gen.setup(self, list(tokens), checked_int("n_past", n_past, -0x80000000, 0x7FFFFFFF),
+                  checked_int("seq_id", seq_id, -0x80000000, 0x7FFFFFFF),
+                  checked_int("max_tokens", max_tokens, -0x80000000, 0x7FFFFFFF), sampler, stop,
                   on_text is not None, buffer_limit, logits_ready, render_special, chunk_interval_us,
                   False, _logprobs_arg(logprobs))
         if on_text is None:
@@ -265,8 +267,8 @@ cdef class Context:
             raise gen.error
         return gen.result
 
-    def stream(self, tokens, Sampler sampler not None, *, int max_tokens=256, int n_past=0,
-               int seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
+    def stream(self, tokens, Sampler sampler not None, *, max_tokens=256, n_past=0,
+               seq_id=0, stop=None, size_t buffer_limit=DEFAULT_BUFFER_LIMIT,
                bint logits_ready=False, bint render_special=False,
                int chunk_interval_us=DEFAULT_CHUNK_INTERVAL_US, logprobs=None):
         """Start a generation on a native thread and return the
@@ -275,7 +277,9 @@ cdef class Context:
         self.check_idle()
         check_non_negative("chunk_interval_us", chunk_interval_us)
         cdef Generation gen = Generation.__new__(Generation)
-        gen.setup(self, list(tokens), n_past, seq_id, max_tokens, sampler, stop, True, buffer_limit,
+        gen.setup(self, list(tokens), checked_int("n_past", n_past, -0x80000000, 0x7FFFFFFF),
+                  checked_int("seq_id", seq_id, -0x80000000, 0x7FFFFFFF),
+                  checked_int("max_tokens", max_tokens, -0x80000000, 0x7FFFFFFF), sampler, stop, True, buffer_limit,
                   logits_ready, render_special, chunk_interval_us, False, _logprobs_arg(logprobs))
         gen.start_thread()
         return gen

@@ -58,10 +58,30 @@ cdef extern from "engine_support.h" nogil:
     void xy_log_callback(ggml_log_level level, const char * text, void * user_data)
     void xy_log_set_print_level(int level)
     size_t xy_log_take(char * out, size_t cap)
-    llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
-                          int32_t idx, llama_token_data * cur, int32_t n_vocab, int argmax)
     ggml_threadpool * xy_threadpool_new(int n_threads)
     void xy_threadpool_free(ggml_threadpool * pool)
+
+# Every llama.cpp call that can throw a C++ exception goes through these
+# (xy_shim.cpp): they catch it and return an error code instead.
+cdef extern from "xy_shim.h" nogil:
+    enum:
+        XY_SAMPLE_NO_LOGITS
+        XY_SAMPLE_GRAMMAR_BLOCKED
+        XY_SAMPLE_EXCEPTION
+        XY_CALL_FAILED
+    llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
+                          int32_t idx, llama_token_data * cur, int32_t n_vocab, int argmax)
+    llama_sampler * xy_grammar_init(const llama_vocab * vocab, const char * grammar, const char * root)
+    int xy_sampler_accept(llama_sampler * smpl, llama_token token)
+    int xy_sampler_reset(llama_sampler * smpl)
+    int32_t xy_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
+                        llama_token * tokens, int32_t n_tokens_max, int add_special, int parse_special)
+    int32_t xy_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf,
+                              int32_t length, int32_t lstrip, int special)
+    int32_t xy_detokenize(const llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
+                          char * text, int32_t text_len_max, int remove_special, int unparse_special)
+    int32_t xy_chat_apply_template(const char * tmpl, const llama_chat_message * chat, size_t n_msg,
+                                   int add_ass, char * buf, int32_t length)
 
 cdef extern from "engine_support.h" nogil:
     int xy_cond_wait_ms(pthread_cond_t * cond, pthread_mutex_t * mu, int ms)

@@ -146,14 +146,16 @@ cdef int gen_accept_token(GenState * g, llama_token tok) noexcept nogil:
     0 to go on, -1 when out of memory."""
     cdef char small[128]
     cdef char * piece = small
-    cdef int32_t n = llama_token_to_piece(g.vocab, tok, small, sizeof(small), 0, g.render_special)
+    cdef int32_t n = xy_token_to_piece(g.vocab, tok, small, sizeof(small), 0, g.render_special)
     cdef int rc = 0
     cdef size_t old_len
+    if n == XY_CALL_FAILED:
+        n = 0
     if n < 0:
         piece = <char *> malloc(-n)
         if piece == NULL:
             return -1
-        n = llama_token_to_piece(g.vocab, tok, piece, -n, 0, g.render_special)
+        n = xy_token_to_piece(g.vocab, tok, piece, -n, 0, g.render_special)
         if n < 0:
             n = 0
     if g.streaming:
@@ -204,6 +206,7 @@ cdef int gen_after_sample(GenState * g, int32_t idx, llama_token tok) noexcept n
     g.token_ns[g.n_out] = xy_now_ns()
     if tok < 0:
         g.error_kind = ERR_SAMPLE
+        g.error_code = tok
         gen_finish(g, REASON_ERROR)
         return REASON_ERROR
     gen_collect_logprobs(g, idx, tok)  # logits row ``idx``, when asked for
@@ -358,7 +361,7 @@ cdef class Generation:
         for s in stops:
             if not isinstance(s, str) or not s:
                 raise InvalidInputError(f"stop sequences must be non-empty strings, got {s!r}")
-            self.stop_bytes.append(s.encode("utf-8"))
+            self.stop_bytes.append(encode_text(s, "stop sequence"))
 
         memset_state(&self.g)
         self.g.wake_fd = -1
@@ -430,9 +433,9 @@ cdef class Generation:
             llama_perf_context_reset(context.ptr)
         # A sampler carries state between tokens (penalty window, grammar
         # position); every generation starts it afresh.
-        llama_sampler_reset(sampler.ptr)
-        if sampler.grammar != NULL:
-            llama_sampler_reset(sampler.grammar)
+        if xy_sampler_reset(sampler.ptr) != 0 or (
+                sampler.grammar != NULL and xy_sampler_reset(sampler.grammar) != 0):
+            raise GenerationError("llama.cpp failed to reset the sampler: " + take_log_tail())
         return 0
 
     cdef int start_thread(self) except -1:
@@ -764,8 +767,14 @@ cdef class Generation:
         if g.error_kind == ERR_NO_MEMORY:
             return MemoryError("out of memory while collecting generated text")
         if g.error_kind == ERR_SAMPLE:
-            return GenerationError("sampling found no candidate token (the grammar may allow "
-                                   "nothing at this point)")
+            if g.error_code == XY_SAMPLE_GRAMMAR_BLOCKED:
+                return GrammarError("the grammar allows no token of this vocabulary at this "
+                                    "point of the reply, so it cannot be completed")
+            if g.error_code == XY_SAMPLE_EXCEPTION:
+                reason = take_log_tail().strip()
+                return GenerationError("llama.cpp failed while sampling"
+                                       + (f": {reason}" if reason else ""))
+            return GenerationError("sampling found no candidate token")
         if g.error_kind == ERR_KV_FULL:
             return ContextOverflowError(
                 "the KV cache is full: the other running sequences hold every cell, so this "

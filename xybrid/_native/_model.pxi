@@ -139,6 +139,28 @@ cdef class Model:
         return llama_model_n_ctx_train(self.ptr)
 
     @property
+    def max_piece_bytes(self):
+        """The longest text any single token stands for, in bytes (special
+        tokens spelt out). A text of more than ``n * max_piece_bytes`` bytes
+        is certain to tokenize to more than ``n`` tokens, which lets a prompt
+        far past the context be refused before it is tokenized."""
+        self.check_open()
+        cdef char buf[512]
+        cdef int32_t n_vocab = llama_vocab_n_tokens(self.vocab)
+        cdef int32_t longest = 1
+        cdef int32_t n, i
+        with nogil:
+            for i in range(n_vocab):
+                n = xy_token_to_piece(self.vocab, i, buf, sizeof(buf), 0, 1)
+                if n == XY_CALL_FAILED:
+                    continue
+                if n < 0:
+                    n = -n
+                if n > longest:
+                    longest = n
+        return longest
+
+    @property
     def n_embd(self):
         self.check_open()
         return llama_model_n_embd(self.ptr)
@@ -204,7 +226,7 @@ cdef class Model:
     def meta(self, str key):
         """One GGUF metadata value as a string, or None when absent."""
         self.check_open()
-        cdef bytes bkey = key.encode("utf-8")
+        cdef bytes bkey = encode_text(key, "metadata key")
         cdef int32_t size = 256
         cdef int32_t n
         cdef char * buf
@@ -251,7 +273,7 @@ cdef class Model:
         cdef bytes bname
         cdef const char * cname = NULL
         if name is not None:
-            bname = name.encode("utf-8")
+            bname = encode_text(name, "name")
             cname = bname
         cdef const char * tmpl = llama_model_chat_template(self.ptr, cname)
         if tmpl == NULL:
@@ -306,7 +328,7 @@ cdef class Model:
         self.check_open()
         if not isinstance(text, str):
             raise InvalidInputError(f"text must be a str, got {type(text).__name__}")
-        cdef bytes data = text.encode("utf-8")
+        cdef bytes data = encode_text(text, "text")
         if len(data) > 0x7FFFFFFF - 16:
             raise InvalidInputError("text is too long to tokenize (more than 2 GiB)")
         cdef int32_t cap = <int32_t> len(data) + 16
@@ -315,14 +337,18 @@ cdef class Model:
         if toks == NULL:
             raise MemoryError()
         try:
-            n = llama_tokenize(self.vocab, data, <int32_t> len(data), toks, cap, add_special, parse_special)
-            if n < 0 and n != -2147483648:
+            n = xy_tokenize(self.vocab, data, <int32_t> len(data), toks, cap, add_special, parse_special)
+            if n < 0 and n != XY_CALL_FAILED:
                 cap = -n
                 free(toks)
                 toks = <llama_token *> malloc(cap * sizeof(llama_token))
                 if toks == NULL:
                     raise MemoryError()
-                n = llama_tokenize(self.vocab, data, <int32_t> len(data), toks, cap, add_special, parse_special)
+                n = xy_tokenize(self.vocab, data, <int32_t> len(data), toks, cap, add_special, parse_special)
+            if n == XY_CALL_FAILED:
+                reason = take_log_tail().strip()
+                raise InvalidInputError("llama.cpp could not tokenize the text"
+                                        + (f": {reason}" if reason else ""))
             if n < 0:
                 raise InvalidInputError("llama.cpp could not tokenize the text (too many tokens)")
             return [toks[i] for i in range(n)]
@@ -333,15 +359,17 @@ cdef class Model:
         """The bytes a token stands for. Special tokens render as empty unless ``special``."""
         self.check_token(token)
         cdef char buf[256]
-        cdef int32_t n = llama_token_to_piece(self.vocab, token, buf, sizeof(buf), 0, special)
+        cdef int32_t n = xy_token_to_piece(self.vocab, token, buf, sizeof(buf), 0, special)
         cdef char * big
+        if n == XY_CALL_FAILED:
+            raise XybridError("llama.cpp could not render the token: " + take_log_tail().strip())
         if n >= 0:
             return buf[:n]
         big = <char *> malloc(-n)
         if big == NULL:
             raise MemoryError()
         try:
-            n = llama_token_to_piece(self.vocab, token, big, -n, 0, special)
+            n = xy_token_to_piece(self.vocab, token, big, -n, 0, special)
             return big[:max(n, 0)]
         finally:
             free(big)
@@ -367,14 +395,14 @@ cdef class Model:
             text = <char *> malloc(cap)
             if text == NULL:
                 raise MemoryError()
-            n = llama_detokenize(self.vocab, toks, <int32_t> count, text, cap, remove_special, unparse_special)
-            if n < 0:
+            n = xy_detokenize(self.vocab, toks, <int32_t> count, text, cap, remove_special, unparse_special)
+            if n < 0 and n != XY_CALL_FAILED:
                 cap = -n + 1
                 free(text)
                 text = <char *> malloc(cap)
                 if text == NULL:
                     raise MemoryError()
-                n = llama_detokenize(self.vocab, toks, <int32_t> count, text, cap, remove_special, unparse_special)
+                n = xy_detokenize(self.vocab, toks, <int32_t> count, text, cap, remove_special, unparse_special)
             if n < 0:
                 raise XybridError("llama.cpp could not detokenize the sequence")
             return text[:n].decode("utf-8", "replace")
@@ -396,15 +424,15 @@ def apply_builtin_chat_template(str template, messages, bint add_generation_prom
     if chat == NULL:
         raise MemoryError()
     keep = []
-    cdef bytes btmpl = template.encode("utf-8")
+    cdef bytes btmpl = encode_text(template, "chat template")
     cdef int32_t cap, needed
     cdef char * buf = NULL
     cdef Py_ssize_t i
     try:
         for i in range(n):
             role, content = messages[i]
-            brole = role.encode("utf-8")
-            bcontent = content.encode("utf-8")
+            brole = encode_text(role, "message role")
+            bcontent = encode_text(content, "message content")
             keep.append((brole, bcontent))
             chat[i].role = brole
             chat[i].content = bcontent
@@ -414,8 +442,9 @@ def apply_builtin_chat_template(str template, messages, bint add_generation_prom
         buf = <char *> malloc(cap)
         if buf == NULL:
             raise MemoryError()
-        needed = llama_chat_apply_template(btmpl, chat, n, add_generation_prompt, buf, cap)
+        needed = xy_chat_apply_template(btmpl, chat, n, add_generation_prompt, buf, cap)
         if needed < 0:
+            take_log_tail()
             return None
         if needed > cap:
             free(buf)
@@ -423,7 +452,7 @@ def apply_builtin_chat_template(str template, messages, bint add_generation_prom
             buf = <char *> malloc(cap)
             if buf == NULL:
                 raise MemoryError()
-            needed = llama_chat_apply_template(btmpl, chat, n, add_generation_prompt, buf, cap)
+            needed = xy_chat_apply_template(btmpl, chat, n, add_generation_prompt, buf, cap)
             if needed < 0:
                 return None
         return buf[:needed].decode("utf-8", "replace")

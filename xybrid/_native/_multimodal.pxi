@@ -104,7 +104,7 @@ cdef class Multimodal:
             bitmaps[i] = NULL
         cdef const unsigned char[::1] data
         cdef mtmd_input_text itext
-        cdef bytes btext = text.encode("utf-8")
+        cdef bytes btext = encode_text(text, "text")
         cdef int32_t rc
         cdef Chunks chunks = Chunks.__new__(Chunks)
         try:

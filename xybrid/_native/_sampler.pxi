@@ -4,6 +4,7 @@ import math
 import numbers
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a fresh random seed per chain
+FLT_MAX = 3.4028234663852886e38  # the largest finite C float
 # Logit bias bounds (see xybrid.types): at most 100 in either direction, and
 # a bounded number of entries.
 from xybrid.types import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
@@ -66,30 +67,38 @@ cdef class Sampler:
         self.grammar = NULL
         self.candidates = NULL
 
-    def __init__(self, Model model not None, *, double temperature=0.0, int top_k=0,
+    def __init__(self, Model model not None, *, double temperature=0.0, top_k=0,
                  double top_p=1.0, double min_p=0.0, double repeat_penalty=1.0,
-                 int repeat_last_n=64, double frequency_penalty=0.0,
+                 repeat_last_n=64, double frequency_penalty=0.0,
                  double presence_penalty=0.0, seed=None, grammar=None,
-                 str grammar_root="root", logit_bias=None):
+                 str grammar_root="root", logit_bias=None, n_ctx=None):
         model.check_open()
+        # The penalty window holds at most a context's worth of tokens: -1
+        # ("the whole context") is that many, and a larger window would only
+        # allocate memory that can never fill. Without a context size the
+        # model's training context stands in.
+        cdef int32_t window_cap = checked_int(
+            "n_ctx", max(model.n_ctx_train, 1) if n_ctx is None else n_ctx, 1, 0x7FFFFFFF)
+        cdef int32_t ctop_k = checked_int("top_k", top_k, 0, 0x7FFFFFFF)
+        cdef int32_t last_n = checked_int("repeat_last_n", repeat_last_n, -1, 0x7FFFFFFF)
+        if last_n == -1 or last_n > window_cap:
+            last_n = window_cap
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                             ("repeat_penalty", repeat_penalty),
                             ("frequency_penalty", frequency_penalty),
                             ("presence_penalty", presence_penalty)):
-            if not math.isfinite(value):
-                raise InvalidInputError(f"{name} must be finite, got {value!r}")
+            # llama.cpp holds them as C floats: past FLT_MAX a double becomes inf.
+            if not math.isfinite(value) or abs(value) > FLT_MAX:
+                raise InvalidInputError(
+                    f"{name} must be finite and at most {FLT_MAX:.6g} in size, got {value!r}")
         if temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
-        if top_k < 0:
-            raise InvalidInputError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         if not 0.0 < top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
         if not 0.0 <= min_p <= 1.0:
             raise InvalidInputError(f"min_p must be in [0, 1], got {min_p}")
-        if repeat_penalty <= 0:
+        if <float> repeat_penalty <= 0:
             raise InvalidInputError(f"repeat_penalty must be > 0 (1.0 disables it), got {repeat_penalty}")
-        if repeat_last_n < -1:
-            raise InvalidInputError(f"repeat_last_n must be >= -1 (-1 = whole context), got {repeat_last_n}")
         cdef uint32_t cseed = DEFAULT_SEED
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 0xFFFFFFFF:
@@ -116,12 +125,14 @@ cdef class Sampler:
         cdef llama_logit_bias * cbias
         cdef int32_t k
         if grammar is not None:
-            if not grammar.strip():
-                raise GrammarError("grammar is empty")
-            bgrammar = grammar.encode("utf-8")
-            broot = grammar_root.encode("utf-8")
+            # Proven able to produce output before llama.cpp sees it (empty
+            # classes, token ids past the vocabulary, left recursion, rules
+            # that never finish, ...): see xybrid.grammar.validate_grammar.
+            validate_grammar(grammar, n_vocab=self.n_vocab, root=grammar_root)
+            bgrammar = encode_text(grammar, "grammar")
+            broot = encode_text(grammar_root, "grammar root")
             take_log_tail()
-            self.grammar = llama_sampler_init_grammar(model.vocab, bgrammar, broot)
+            self.grammar = xy_grammar_init(model.vocab, bgrammar, broot)
             if self.grammar == NULL:
                 reason = take_log_tail()
                 raise GrammarError("llama.cpp rejected the grammar" + (f": {reason}" if reason else ""))
@@ -141,14 +152,14 @@ cdef class Sampler:
             self.add(stage)
         if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
             self.add(llama_sampler_init_penalties(
-                llama_vocab_n_tokens(model.vocab), repeat_last_n,
+                llama_vocab_n_tokens(model.vocab), last_n,
                 repeat_penalty, frequency_penalty, presence_penalty))
         if temperature <= 0.0:
             self.add(llama_sampler_init_greedy())
             self.argmax_only = llama_sampler_chain_n(self.ptr) == 1
             return
-        if top_k > 0:
-            self.add(llama_sampler_init_top_k(top_k))
+        if ctop_k > 0:
+            self.add(llama_sampler_init_top_k(ctop_k))
         if top_p < 1.0:
             self.add(llama_sampler_init_top_p(top_p, 1))
         if min_p > 0.0:
@@ -182,17 +193,18 @@ cdef class Sampler:
         # Resetting a grammar stage rebuilds it from the model's vocabulary:
         # after Model.close() that would read freed memory.
         self.model.check_open()
-        if self.ptr != NULL:
-            llama_sampler_reset(self.ptr)
-        if self.grammar != NULL:
-            llama_sampler_reset(self.grammar)
+        if (self.ptr != NULL and xy_sampler_reset(self.ptr) != 0) or (
+                self.grammar != NULL and xy_sampler_reset(self.grammar) != 0):
+            raise GenerationError("llama.cpp failed to reset the sampler: " + take_log_tail().strip())
 
     def accept(self, int token):
         """Tell the chain a token was emitted (penalties and grammar track it)."""
         self.model.check_token(token)
-        llama_sampler_accept(self.ptr, token)
-        if self.grammar != NULL:
-            llama_sampler_accept(self.grammar, token)
+        if self.grammar != NULL and xy_sampler_accept(self.grammar, token) != 0:
+            raise GrammarError(f"the grammar does not allow token {token} here: "
+                               + take_log_tail().strip())
+        if xy_sampler_accept(self.ptr, token) != 0:
+            raise GenerationError("llama.cpp failed to accept the token: " + take_log_tail().strip())
 
     def sample(self, Context context not None, int index=-1):
         """Sample (and accept) one token from the logits of output ``index`` of
@@ -208,6 +220,10 @@ cdef class Sampler:
         cdef llama_token tok
         with nogil:
             tok = self.draw(context.ptr, index)
+        if tok == XY_SAMPLE_GRAMMAR_BLOCKED:
+            raise GrammarError("the grammar allows no token of this vocabulary at this point")
+        if tok == XY_SAMPLE_EXCEPTION:
+            raise GenerationError("llama.cpp failed while sampling: " + take_log_tail().strip())
         if tok < 0:
             raise GenerationError("sampling found no candidate token")
         return tok

@@ -146,64 +146,7 @@ static inline size_t xy_utf8_complete_len(const char *buf, size_t len) {
     return len;
 }
 
-/* ---- sampling with a grammar ------------------------------------------ *
- * Applying a grammar to every candidate costs a full vocabulary scan per
- * token (262k entries for Gemma). Like llama.cpp's own common sampler, we
- * sample with the plain chain first and ask the grammar only about the chosen
- * token; only when the grammar rejects it do we apply the grammar to all
- * candidates and sample again. The result is a token the grammar accepts,
- * drawn from the same constrained distribution.
- * `cur` must hold n_vocab entries. Returns -1 when there are no logits. */
-static inline void xy_fill_candidates(llama_token_data *cur, const float *logits, int32_t n_vocab) {
-    for (int32_t i = 0; i < n_vocab; i++) {
-        cur[i].id = i;
-        cur[i].logit = logits[i];
-        cur[i].p = 0.0f;
-    }
-}
-
-static llama_token xy_sample(struct llama_sampler *chain, struct llama_sampler *grammar,
-                             struct llama_context *ctx, int32_t idx,
-                             llama_token_data *cur, int32_t n_vocab, int argmax) {
-    if (argmax && grammar == NULL) {
-        /* A chain that is only greedy picks the first largest logit; a scan
-         * of the row does that without building an n_vocab candidate array
-         * (Gemma: 262,144 entries, several hundred microseconds a token). */
-        const float *logits = llama_get_logits_ith(ctx, idx);
-        if (logits == NULL || n_vocab <= 0) return -1;
-        int32_t best = 0;
-        for (int32_t i = 1; i < n_vocab; i++) {
-            if (logits[i] > logits[best]) best = i;
-        }
-        return best;
-    }
-    if (grammar == NULL || cur == NULL) return llama_sampler_sample(chain, ctx, idx);
-    const float *logits = llama_get_logits_ith(ctx, idx);
-    if (logits == NULL) return -1;
-    xy_fill_candidates(cur, logits, n_vocab);
-    llama_token_data_array all = { cur, (size_t)n_vocab, -1, false };
-    llama_sampler_apply(chain, &all);
-    llama_token id = (all.selected >= 0 && (size_t)all.selected < all.size)
-                         ? all.data[all.selected].id : -1;
-    int ok = 0;
-    if (id >= 0) {
-        llama_token_data one = { id, 1.0f, 0.0f };
-        llama_token_data_array single = { &one, 1, -1, false };
-        llama_sampler_apply(grammar, &single);
-        ok = !isinf(one.logit);
-    }
-    if (!ok) {
-        xy_fill_candidates(cur, logits, n_vocab);
-        llama_token_data_array again = { cur, (size_t)n_vocab, -1, false };
-        llama_sampler_apply(grammar, &again);
-        llama_sampler_apply(chain, &again);
-        if (again.selected < 0 || (size_t)again.selected >= again.size) return -1;
-        id = again.data[again.selected].id;
-    }
-    llama_sampler_accept(grammar, id);
-    llama_sampler_accept(chain, id);
-    return id;
-}
+/* Sampling (xy_sample) lives in xy_shim.cpp, behind the C++ exception boundary. */
 
 /* ---- llama.cpp log sink ------------------------------------------------ */
 

@@ -259,34 +259,26 @@ cdef extern from "llama.h" nogil:
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
     bint llama_vocab_get_add_eos(const llama_vocab * vocab)
     const char * llama_vocab_get_text(const llama_vocab * vocab, llama_token token)
-    int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
-                           llama_token * tokens, int32_t n_tokens_max, bint add_special, bint parse_special)
-    int32_t llama_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf,
-                                 int32_t length, int32_t lstrip, bint special)
-    int32_t llama_detokenize(const llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
-                             char * text, int32_t text_len_max, bint remove_special, bint unparse_special)
+    # Tokenizing, pieces and detokenizing can throw inside llama.cpp: call
+    # them through xy_shim.h (xy_tokenize, xy_token_to_piece, xy_detokenize).
 
     # --- chat templates --------------------------------------------------------------
-    int32_t llama_chat_apply_template(const char * tmpl, const llama_chat_message * chat, size_t n_msg,
-                                      bint add_ass, char * buf, int32_t length)
+    # (applying a chat template can throw: xy_chat_apply_template in xy_shim.h)
 
     # --- sampling ----------------------------------------------------------------------
     llama_sampler * llama_sampler_chain_init(llama_sampler_chain_params params)
     void llama_sampler_chain_add(llama_sampler * chain, llama_sampler * smpl)
     int32_t llama_sampler_chain_n(const llama_sampler * chain)
     void llama_sampler_free(llama_sampler * smpl)
-    void llama_sampler_reset(llama_sampler * smpl)
-    void llama_sampler_accept(llama_sampler * smpl, llama_token token)
-    void llama_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p)
-    llama_token llama_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx)
+    # reset, accept, apply, sample and the grammar's init can throw: call them
+    # through xy_shim.h (xy_sampler_reset, xy_sampler_accept, xy_sample,
+    # xy_grammar_init).
     llama_sampler * llama_sampler_init_greedy()
     llama_sampler * llama_sampler_init_dist(uint32_t seed)
     llama_sampler * llama_sampler_init_top_k(int32_t k)
     llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep)
     llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep)
     llama_sampler * llama_sampler_init_temp(float t)
-    llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str,
-                                               const char * grammar_root)
     llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
                                                   const llama_logit_bias * logit_bias)
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,

@@ -749,7 +749,8 @@ class Llama:
             self._model, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=float(repeat_penalty), repeat_last_n=self.last_n_tokens_size,
             frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
-            seed=seed, grammar=grammar._grammar if grammar is not None else None)
+            seed=seed, grammar=grammar._grammar if grammar is not None else None,
+            n_ctx=self._n_ctx)
 
     def generate(self, tokens: Sequence[int], top_k: int = D.SAMPLE["top_k"],
                  top_p: float = D.SAMPLE["top_p"], min_p: float = D.SAMPLE["min_p"],
