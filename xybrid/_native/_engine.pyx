@@ -40,7 +40,6 @@ from xybrid.errors import (
     OverloadedError,
     XybridError,
 )
-from xybrid.grammar import validate_grammar
 
 
 # Unread streamed bytes the loop may run ahead of its consumer before it

@@ -5,15 +5,15 @@ import numbers
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a fresh random seed per chain
 FLT_MAX = 3.4028234663852886e38  # the largest finite C float
-# Logit bias bounds (see xybrid.types): at most 100 in either direction, and
-# a bounded number of entries.
-from xybrid.types import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
 
 
 def check_logit_bias(logit_bias, int32_t n_vocab):
     """``logit_bias`` (a mapping token id -> bias, or (id, bias) pairs) as a
     list of (id, bias) pairs, checked: ids of this vocabulary, biases finite
     and within +-MAX_LOGIT_BIAS, at most MAX_LOGIT_BIAS_ENTRIES entries."""
+    # The bounds live in xybrid.types; imported here, not at module level,
+    # so that importing the engine does not load typing (test_import_cost).
+    from xybrid.types import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
     if logit_bias is None:
         return []
     items = logit_bias.items() if hasattr(logit_bias, "items") else logit_bias
@@ -128,6 +128,8 @@ cdef class Sampler:
             # Proven able to produce output before llama.cpp sees it (empty
             # classes, token ids past the vocabulary, left recursion, rules
             # that never finish, ...): see xybrid.grammar.validate_grammar.
+            from xybrid.grammar import validate_grammar  # not at import: it loads typing
+
             validate_grammar(grammar, n_vocab=self.n_vocab, root=grammar_root)
             bgrammar = encode_text(grammar, "grammar")
             broot = encode_text(grammar_root, "grammar root")
