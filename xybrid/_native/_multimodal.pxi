@@ -4,6 +4,7 @@
 MEDIA_KINDS = ("text", "image", "audio")
 
 
+@cython.no_gc_clear  # see _engine.pxd
 cdef class Multimodal:
     """The mtmd context of a multimodal projector (``mmproj``) paired with a model.
 
