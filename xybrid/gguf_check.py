@@ -115,8 +115,10 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 }
 _F32, _F16, _BF16 = 0, 1, 30
 # Types a weight matrix may have: every float and quantized type, not the
-# integer ones (and not F64) that no matrix product or row lookup takes.
-_MATRIX_TYPES = frozenset(GGML_TYPES) - {24, 25, 26, 27, 28}
+# integer ones (and not F64) that no matrix product or row lookup takes, and
+# not Q8_1 and Q8_K, which ggml only makes on the fly for the other operand
+# of a product (as a weight, Q8_1 segfaults in the CPU backend).
+_MATRIX_TYPES = frozenset(GGML_TYPES) - {9, 15, 24, 25, 26, 27, 28}
 _FLOAT_TENSOR_TYPES = frozenset({_F32, _F16, _BF16})
 
 _MAX_NAME = 63          # GGML_MAX_NAME (64) less the terminating NUL
