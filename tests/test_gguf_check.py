@@ -164,6 +164,8 @@ def read_gguf_bytes(data: bytes) -> GGUFFile:
 MODEL_CASES: list[tuple[str, Edit, tuple[str, ...], bool]] = [
     ("int16-matrix", tensor_field("blk.1.ffn_gate.weight", "type", 25), ("blk.1.ffn_gate.weight", "I16"), True),
     ("q8_1-matrix", tensor_field("blk.1.ffn_down.weight", "type", 9), ("blk.1.ffn_down.weight", "Q8_1"), True),
+    ("duplicate-token", lambda d, f: patch(d, d.index(b"<0x04>") + 3, "<B", ord("1")),
+     ("tokenizer.ggml.tokens", "'<0x14>' twice"), True),
     ("int8-embeddings", tensor_field("token_embd.weight", "type", 24), ("token_embd.weight", "I8"), False),
     ("int32-embeddings", tensor_field("token_embd.weight", "type", 26), ("token_embd.weight", "overlaps"), False),
     ("f16-norm", tensor_field("output_norm.weight", "type", 1), ("output_norm.weight", "F16"), False),
