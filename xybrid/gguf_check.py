@@ -866,16 +866,18 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
         for name in ("ln1", "ln2"):
             c.tensor(b + name + ".weight", (n_embd,), FL, required=False)
             c.tensor(b + name + ".bias", (n_embd,), FL, required=False)
+        # clip.cpp does not check that a block's projections are there: a
+        # missing one is a null tensor in the graph (a segfault at the first
+        # image). Towers with a fused QKV projection have attn_qkv instead.
+        fused = b + "attn_qkv.weight" in c.f.tensors
         for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
             shape = (n_embd, n_embd) if standard else None
-            c.tensor(b + name + ".weight", shape, M, required=False)
+            c.tensor(b + name + ".weight", shape, M, required=not fused or name == "attn_out")
             if standard:
                 c.tensor(b + name + ".bias", (n_embd,), FL, required=False)
-        up = c.f.tensors.get(b + "ffn_up.weight")
-        down = c.f.tensors.get(b + "ffn_down.weight")
+        up = c.tensor(b + "ffn_up.weight", None, M)
+        down = c.tensor(b + "ffn_down.weight", None, M)
         if up is not None and down is not None:
-            c.tensor(up.name, None, M)
-            c.tensor(down.name, None, M)
             # clip.cpp swaps up and down of legacy files, so either way round
             # is fine as long as the two agree with each other and the width.
             if {_squeeze(up.dims), _squeeze(down.dims)} != {(n_embd, n_ff), (n_ff, n_embd)}:
