@@ -99,6 +99,22 @@ def test_layout_matches_the_file(files: dict[str, Path]) -> None:
     assert emb.dims == (64, 32000) and emb.n_bytes == 64 * 32000 * 2
 
 
+def test_first_file_of_a_split_model_is_not_asked_for_every_tensor(files: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    src = files["llama"]
+    f = read_gguf(src)
+    data = src.read_bytes()
+    # drop a block's tensor from the table (as if it lived in the next file)
+    missing = _mutated(files, tmp_path, "llama", lambda d, g: patch(
+        d, g.tensors["blk.1.ffn_up.weight"].info_offset + 8, "<B", ord("x")))
+    with pytest.raises(ModelLoadError, match="blk.1.ffn_up.weight' is missing"):
+        check_model_file(missing)
+    split = tmp_path / "split-00001-of-00002.gguf"
+    split.write_bytes(rebuild(missing.read_bytes(), {"split.count": encode_value(VT.UINT16, 2)}))
+    assert check_model_file(split).get("split.count") == 2
+    assert len(data) == f.file_size
+
+
 def test_a_projector_is_not_a_text_model(files: dict[str, Path]) -> None:
     with pytest.raises(ModelLoadError, match="projector"):
         check_model_file(files["vision"])

@@ -755,7 +755,9 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False) 
     """Check a text model GGUF before llama.cpp loads it; return what was read.
 
     With ``vocab_only`` only the container and the tokenizer are checked
-    (llama.cpp then reads nothing else). Raises :class:`ModelLoadError`
+    (llama.cpp then reads nothing else). For the first file of a split
+    model (``split.count`` > 1) the tensors' presence and shapes are not
+    checked, since the other files hold the rest. Raises :class:`ModelLoadError`
     naming the file and the key or tensor at fault.
     """
     f = read_gguf(path)
@@ -772,8 +774,11 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False) 
     if vocab_only:
         return f
     h = _check_hparams(c, arch, n_vocab)
+    n_split = c.integer("split.count", 0, 1 << 16, default=0)
     check = _ARCH_TENSORS.get(arch)
-    if check is not None:
+    # The first file of a split model (gguf-split) holds only some of the
+    # tensors; llama.cpp finds the rest in the other files, not checked here.
+    if check is not None and not (n_split and n_split > 1):
         check(c, h)
     return f
 
