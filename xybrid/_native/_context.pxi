@@ -4,6 +4,7 @@ POOLING_TYPES = {"none": LLAMA_POOLING_TYPE_NONE, "mean": LLAMA_POOLING_TYPE_MEA
                  "cls": LLAMA_POOLING_TYPE_CLS, "last": LLAMA_POOLING_TYPE_LAST}
 
 
+@cython.no_gc_clear  # see _engine.pxd
 cdef class Context:
     """A llama.cpp inference context over a :class:`Model`.
 

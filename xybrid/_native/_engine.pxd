@@ -241,6 +241,14 @@ cdef struct SchedState:
 # Ownership is one-way: a Context holds its Model, a Sampler its Model, a
 # Generation its Context, Sampler and (scheduled) Scheduler, a Scheduler its
 # Context; each C handle is freed once, in close() or __dealloc__.
+#
+# Everything that points into a Model (Context, Sampler, Multimodal, and
+# Generation and Scheduler below) is @cython.no_gc_clear: when a reference
+# cycle (a traceback holding the frame of a failed load, say) leaves a
+# context and its model to the cyclic GC, the GC must not drop the
+# context's reference to the model first, or the model is freed while the
+# context still uses it. Kept, the reference makes the model outlive the
+# context: the context's __dealloc__ frees it, then releases the model.
 
 cdef class Model:
     cdef llama_model * ptr

@@ -7,7 +7,9 @@ cdef class Model:
     rpc_servers=(), tensor_split=())``. The file must exist and be a GGUF
     that this llama.cpp understands; otherwise
     :class:`~xybrid.errors.ModelNotFoundError` or
-    :class:`~xybrid.errors.ModelLoadError` (quoting llama.cpp's reason).
+    :class:`~xybrid.errors.ModelLoadError` (naming the key or tensor at
+    fault, found by :func:`xybrid.gguf_check.check_model_file` before
+    llama.cpp reads the file, or quoting llama.cpp's reason).
 
     ``rpc_servers`` ("host:port" each, already probed by xybrid.rpc) are the
     only devices ``gpu_layers`` are offloaded to, split by ``tensor_split``
@@ -39,6 +41,10 @@ cdef class Model:
             magic = fh.read(4)
         if magic != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF file (magic bytes {magic!r})")
+        # llama.cpp asserts (ends the process) on some malformed metadata and
+        # tensor shapes: refuse those files before it reads them.
+        from xybrid.gguf_check import check_model_file
+        check_model_file(path, vocab_only=vocab_only)
         ensure_backend()
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = gpu_layers if gpu_layers >= 0 else 2147483647

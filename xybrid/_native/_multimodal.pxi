@@ -4,11 +4,14 @@
 MEDIA_KINDS = ("text", "image", "audio")
 
 
+@cython.no_gc_clear  # see _engine.pxd
 cdef class Multimodal:
     """The mtmd context of a multimodal projector (``mmproj``) paired with a model.
 
     Raises :class:`~xybrid.errors.ModelLoadError` when the projector cannot
-    be loaded or does not fit the text model (llama.cpp's reason is quoted).
+    be loaded or does not fit the text model (the key or tensor at fault,
+    found by :func:`xybrid.gguf_check.check_projector_file`, or llama.cpp's
+    reason).
     """
 
 
@@ -25,6 +28,10 @@ cdef class Multimodal:
             magic = fh.read(4)
         if magic != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF projector file (magic bytes {magic!r})")
+        # clip.cpp asserts on keys of the wrong type and builds graphs from
+        # tensor shapes it never checks: refuse such files before it reads them.
+        from xybrid.gguf_check import check_projector_file
+        check_projector_file(path, text_n_embd=llama_model_n_embd(model.ptr))
         ensure_backend()
         mtmd_log_set(xy_log_callback, NULL)
         cdef mtmd_context_params params = mtmd_context_params_default()

@@ -46,6 +46,7 @@ def check_logit_bias(logit_bias, int32_t n_vocab):
     return out
 
 
+@cython.no_gc_clear  # see _engine.pxd
 cdef class Sampler:
     """A llama.cpp sampler chain.
 
