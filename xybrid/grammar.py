@@ -700,19 +700,23 @@ _EXP_DIGITS: Final[int] = 4
 # (llama.cpp expands a bounded repetition into one rule per optional step).
 _MAX_BOUNDED_REPEAT: Final[int] = 1000
 
+_JSON_CHAR: Final[str] = (
+    '[\\x20-\\x21\\x23-\\x5B\\x5D-\\uD7FF\\uE000-\\U0010FFFF] | "\\\\" ( ["\\\\/bfnrt] | "u" ( '
+    '[0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} | '
+    '[dD] [89abAB] [0-9a-fA-F]{2} "\\\\u" [dD] [c-fC-F] [0-9a-fA-F]{2} ) )'
+)
+
 # Whitespace between JSON tokens: nothing, one space, or a newline and an
 # indent of up to 20 spaces or tabs. Bounded so a model cannot pad forever.
 _PRIMITIVES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "ws": ('( " " | "\\n" [ \\t]{0,20} )?', ()),
-    "json-char": ('[^"\\\\\\x00-\\x1F] | "\\\\" ( ["\\\\/bfnrt] | "u" [0-9a-fA-F]{4} )', ()),
+    # One JSON string character, which is one Unicode scalar value: a raw code
+    # point other than a quote, a backslash, a control character or a surrogate, or an
+    # escape. A \\u escape names a non-surrogate or a whole surrogate pair,
+    # never a lone surrogate (which no UTF-8 text, and no Python str that is
+    # re-encoded, can hold).
+    "json-char": (_JSON_CHAR, ()),
     "json-string": ('"\\"" json-char* "\\""', ("json-char",)),
-    # One code point: like json-char, but a \\u escape may not name a UTF-16
-    # surrogate (a pair would be two grammar items for one character).
-    "json-cp": (
-        '[^"\\\\\\x00-\\x1F] | "\\\\" ( ["\\\\/bfnrt] | "u" '
-        '( [0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} ) )',
-        (),
-    ),
     "json-int": (f'"-"? ( "0" | [1-9] [0-9]{{0,{_INT_DIGITS - 1}}} )', ()),
     "json-number": (
         f'json-int ( "." [0-9]{{1,{_FRAC_DIGITS}}} )? ( [eE] [-+]? [0-9]{{1,{_EXP_DIGITS}}} )?',
@@ -733,9 +737,25 @@ _PRIMITIVES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
         '"[" ws "]" | "[" ws json-value ( "," ws json-value )* ws "]"',
         ("ws", "json-value"),
     ),
-    "json-date": (
-        '[0-9]{4} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] )',
+    # Calendar dates 0001-01-01 .. 9999-12-31, exactly: days per month, and
+    # February 29 only in leap years (Python's date.fromisoformat, which
+    # jsonschema's "date" check uses, has no year 0).
+    "json-year": (
+        '[1-9] [0-9]{3} | "0" ( [1-9] [0-9]{2} | "0" ( [1-9] [0-9] | "0" [1-9] ) )',
         (),
+    ),
+    "json-leap-year": (
+        # Divisible by 4 and not by 100, or divisible by 400 (never 0000).
+        '[0-9]{2} ( "0" [48] | [2468] [048] | [13579] [26] ) '
+        '| ( "0" [48] | [2468] [048] | [13579] [26] ) "00"',
+        (),
+    ),
+    "json-date": (
+        'json-year "-" ( ( "0" [13578] | "1" [02] ) "-" ( "0" [1-9] | [12] [0-9] | "3" [01] ) '
+        '| ( "0" [469] | "11" ) "-" ( "0" [1-9] | [12] [0-9] | "30" ) '
+        '| "02-" ( "0" [1-9] | "1" [0-9] | "2" [0-8] ) ) '
+        '| json-leap-year "-02-29"',
+        ("json-year", "json-leap-year"),
     ),
     "json-time": (
         '( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9]{1,9} )? '
@@ -748,6 +768,22 @@ _PRIMITIVES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
         "[0-9a-fA-F]{12}",
         (),
     ),
+    # Dotted-quad IPv4: four decimal octets 0..255 without leading zeros
+    # (Python's ipaddress, jsonschema's "ipv4" check, refuses those).
+    "json-ipv4-octet": ('"25" [0-5] | "2" [0-4] [0-9] | "1" [0-9] [0-9] | [1-9] [0-9] | [0-9]', ()),
+    "json-ipv4": (
+        'json-ipv4-octet "." json-ipv4-octet "." json-ipv4-octet "." json-ipv4-octet',
+        ("json-ipv4-octet",),
+    ),
+    # A plain ASCII address: dot-separated atoms, "@", a domain of two or
+    # more LDH labels. Much narrower than RFC 5322 (no quoted local parts,
+    # no address literals), so stricter checkers accept it too.
+    "json-email-atom": ("[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+", ()),
+    "json-email-label": ("[A-Za-z0-9] ( [A-Za-z0-9-]* [A-Za-z0-9] )?", ()),
+    "json-email": (
+        'json-email-atom ( "." json-email-atom )* "@" json-email-label ( "." json-email-label )+',
+        ("json-email-atom", "json-email-label"),
+    ),
 }
 
 _FORMAT_RULES: Final[dict[str, str]] = {
@@ -755,6 +791,21 @@ _FORMAT_RULES: Final[dict[str, str]] = {
     "time": "json-time",
     "date-time": "json-date-time",
     "uuid": "json-uuid",
+    "ipv4": "json-ipv4",
+    "email": "json-email",
+    "idn-email": "json-email",
+}
+
+
+# Shortest and longest (None: unbounded) value of each format, in characters.
+_FORMAT_LENGTHS: Final[dict[str, tuple[int, int | None]]] = {
+    "date": (10, 10),
+    "time": (9, 24),
+    "date-time": (20, 35),
+    "uuid": (36, 36),
+    "ipv4": (7, 15),
+    "email": (5, None),
+    "idn-email": (5, None),
 }
 
 
@@ -1334,12 +1385,164 @@ class _SchemaConverter:
             raise GrammarError(f"'{keyword}' at {hint!r} must be a non-empty list of schemas")
         rest = {k: v for k, v in schema.items() if k != keyword and k not in _ANNOTATIONS}
         alts = []
+        branches: list[object] = []
         for i, option in enumerate(options):
             sub: object = option
             if rest:
                 sub = {"allOf": [rest, option]}
+            branches.append(sub)
             alts.append(self.convert(sub, f"{hint}-{i}"))
+        if keyword == "oneOf" and self.strict:
+            self.check_exclusive(branches, hint)
         return " | ".join(dict.fromkeys(alts))
+
+    # -- oneOf exclusivity ----------------------------------------------------
+    #
+    # A value valid against two 'oneOf' branches is invalid, and a grammar (a
+    # union of the branches' grammars) cannot subtract one branch from
+    # another. So the union is used only when it is proven that whatever a
+    # branch's grammar writes fails every other branch's schema. The proofs
+    # compare what a branch *writes* (a subset of its schema) with what the
+    # other branch *accepts* (its schema, read conservatively: any doubt means
+    # "might accept"). Three proofs, per ordered pair of branches:
+    #
+    # - JSON types: the types the writer can produce are none that the other
+    #   accepts ("integer" counts as "number": 1.0 is an integer);
+    # - values: the writer is a const / enum, and no value is one the other
+    #   accepts (different type, or not among the other's const / enum);
+    # - a discriminator: the writer requires a property whose schema is a
+    #   const / enum, and the other declares that property with a const /
+    #   enum sharing no value.
+
+    def check_exclusive(self, branches: list[object], hint: str) -> None:
+        for i, writer in enumerate(branches):
+            for j, other in enumerate(branches):
+                if i != j and not self.excludes(writer, other):
+                    raise GrammarError(
+                        f"'oneOf' at {hint!r}: branches {i} and {j} may both match one value, "
+                        "and a grammar cannot enforce that exactly one does; use 'anyOf', "
+                        "make the branches' types or const / enum values disjoint, or give "
+                        "object branches a required property with a distinct 'const'"
+                    )
+
+    def excludes(self, writer: object, other: object) -> bool:
+        """True when nothing the grammar of ``writer`` produces validates ``other``."""
+        w = self.flatten(writer)
+        o = self.flatten(other)
+        if not self.kinds(w, written=True) & self.kinds(o, written=False):
+            return True
+        values = self.finite_values(w, written=True)
+        if values is not None:
+            o_kinds = self.kinds(o, written=False)
+            o_values = self.finite_values(o, written=False)
+            if all(
+                _kind_of(v) not in o_kinds or (o_values is not None and _canonical(v) not in
+                                               {_canonical(x) for x in o_values})
+                for v in values
+            ):
+                return True
+        if isinstance(w, Mapping) and isinstance(o, Mapping):
+            if self.kinds(w, written=True) != {"object"}:
+                return False
+            w_props, o_props = w.get("properties"), o.get("properties")
+            required = w.get("required")
+            if not (isinstance(w_props, Mapping) and isinstance(o_props, Mapping)
+                    and isinstance(required, list)):
+                return False
+            for name in required:
+                if not isinstance(name, str) or name not in w_props or name not in o_props:
+                    continue
+                mine = self.finite_values(self.flatten(w_props[name]), written=True)
+                theirs = self.finite_values(self.flatten(o_props[name]), written=False)
+                if mine is not None and theirs is not None:
+                    keys = {_canonical(x) for x in theirs}
+                    if all(_canonical(v) not in keys for v in mine):
+                        return True
+        return False
+
+    def flatten(self, schema: object) -> object:
+        """``schema`` with top-level ``$ref`` followed and ``allOf`` merged."""
+        seen: set[str] = set()
+        for _ in range(64):
+            if not isinstance(schema, Mapping):
+                return schema
+            if "$ref" in schema:
+                ref = str(schema["$ref"])
+                if ref in seen:
+                    return True  # a cycle: know nothing
+                seen.add(ref)
+                siblings = {k: v for k, v in schema.items() if k != "$ref" and k not in _ANNOTATIONS}
+                target = self.resolve(schema["$ref"])
+                schema = self.merge_all_of({"allOf": [target, siblings]}, "oneOf") if siblings else target
+            elif "allOf" in schema:
+                schema = self.merge_all_of(schema, "oneOf")
+            else:
+                return schema
+        return True
+
+    def kinds(self, schema: object, *, written: bool, depth: int = 0) -> frozenset[str]:
+        """JSON types (integer as number) a schema's grammar writes / its schema accepts.
+
+        Always a superset: unknown means every type.
+        """
+        schema = self.flatten(schema)
+        if schema is False:
+            return frozenset()
+        if not isinstance(schema, Mapping) or depth > 32:
+            return _ALL_KINDS
+        if schema.get("nullable") is True:
+            rest = {k: v for k, v in schema.items() if k != "nullable"}
+            base = self.kinds(rest, written=written, depth=depth + 1)
+            # OpenAPI's nullable: the grammar writes null, a validator ignores it.
+            return base | {"null"} if written else base
+        declared = schema.get("type")
+        if isinstance(declared, str):
+            declared = [declared]
+        if isinstance(declared, list) and all(isinstance(k, str) for k in declared):
+            typed = frozenset("number" if k == "integer" else k for k in declared)
+        else:
+            typed = _ALL_KINDS
+        values = self.finite_values(schema, written=written)
+        if values is not None:
+            found = frozenset(_kind_of(v) for v in values)
+            return found if written else found & typed
+        result = typed
+        for union in ("anyOf", "oneOf"):
+            options = schema.get(union)
+            if isinstance(options, list) and options:
+                joined = frozenset().union(
+                    *(self.kinds(o, written=written, depth=depth + 1) for o in options)
+                )
+                result = result & joined
+        if written and result == _ALL_KINDS and not isinstance(schema.get("type"), (str, list)):
+            try:
+                inferred = self.infer_type(schema)
+            except GrammarError:
+                inferred = None
+            if inferred is not None:
+                result = frozenset({inferred})
+        return result
+
+    def finite_values(self, schema: object, *, written: bool) -> list[Any] | None:
+        """The values of a const / enum schema (None: not a finite set).
+
+        Written: exactly what the grammar writes (const wins over enum, enum
+        values are filtered by 'type'). Accepted: a superset of what validates.
+        """
+        if not isinstance(schema, Mapping):
+            return None
+        extra: list[Any] = [None] if written and schema.get("nullable") is True else []
+        if "const" in schema:
+            return [schema["const"], *extra]
+        values = schema.get("enum")
+        if isinstance(values, list) and values:
+            declared = schema.get("type")
+            kinds = ({declared} if isinstance(declared, str)
+                     else set(declared) if isinstance(declared, list) else None)
+            if kinds is not None:
+                values = [v for v in values if _json_type_matches(v, kinds)]
+            return [*values, *extra]
+        return None
 
     def visit_enum(self, schema: Mapping[str, Any], hint: str) -> str:
         values = schema["enum"]
@@ -1477,20 +1680,58 @@ class _SchemaConverter:
 
     def visit_string(self, schema: Mapping[str, Any], hint: str) -> str:
         fmt = schema.get("format")
-        if isinstance(fmt, str) and fmt in _FORMAT_RULES:
-            return _seq('"\\""', self.rules.primitive(_FORMAT_RULES[fmt]), '"\\""')
         lo = _count(schema, "minLength") or 0
         hi = _count(schema, "maxLength")
         if hi is not None and hi < lo:
             raise GrammarError(f"string at {hint!r} has maxLength below minLength")
+        if fmt is not None:
+            rule = self.format_rule(fmt, lo, hi, hint)
+            if rule is not None:
+                return _seq('"\\""', self.rules.primitive(rule), '"\\""')
         if lo == 0 and hi is None:
             return self.rules.primitive("json-string")
         if lo > _MAX_BOUNDED_REPEAT:
             raise GrammarError(f"minLength {lo} at {hint!r} is too large for a grammar")
         if hi is not None and hi > _MAX_BOUNDED_REPEAT:
             hi = None  # not enforced; documented
-        char = self.rules.primitive("json-cp")
+        char = self.rules.primitive("json-char")
         return _seq('"\\""', _repeat(char, lo, hi), '"\\""')
+
+    def format_rule(self, fmt: object, lo: int, hi: int | None, hint: str) -> str | None:
+        """The primitive rule for a string ``format`` (None: write a plain string).
+
+        Strict conversion refuses a format it has no rule for (JSON Schema
+        treats formats as annotations, but a validator with a format checker
+        does not) and a format whose lengths only partly fit minLength /
+        maxLength; lenient conversion drops the format, resp. the lengths.
+        """
+        if not isinstance(fmt, str):
+            if self.strict:
+                raise GrammarError(f"'format' at {hint!r} must be a string, got {fmt!r}")
+            return None
+        rule = _FORMAT_RULES.get(fmt)
+        if rule is None:
+            if self.strict:
+                raise GrammarError(
+                    f"'format' {fmt!r} at {hint!r} is not supported (supported: "
+                    f"{', '.join(sorted(_FORMAT_RULES))}); remove it or convert with "
+                    "strict=False to ignore it"
+                )
+            return None
+        f_lo, f_hi = _FORMAT_LENGTHS[fmt]
+        if (hi is not None and hi < f_lo) or (f_hi is not None and f_hi < lo):
+            raise GrammarError(
+                f"string at {hint!r}: no '{fmt}' value has a length in the "
+                "minLength..maxLength range"
+            )
+        fits = lo <= f_lo and (hi is None or (f_hi is not None and f_hi <= hi))
+        if not fits and self.strict:
+            raise GrammarError(
+                f"string at {hint!r} combines 'format' {fmt!r} with minLength / maxLength "
+                "that only some of its values meet, which a grammar here cannot enforce; "
+                "convert with strict=False to keep only the format"
+            )
+        return rule
 
     def visit_number(self, schema: Mapping[str, Any], integer: bool) -> str:
         lo: Decimal | None = None
@@ -1518,6 +1759,42 @@ class _SchemaConverter:
         return _number_range(lo, lo_strict, hi, hi_strict, integer)
 
 
+_ALL_KINDS: Final[frozenset[str]] = frozenset(
+    {"null", "boolean", "number", "string", "array", "object"}
+)
+
+
+def _kind_of(value: object) -> str:
+    """The JSON type of a value, integers counted as numbers."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _canonical(value: object) -> object:
+    """A hashable key equal for JSON-equal values (1 == 1.0, true != 1)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return (_kind_of(value), value)
+    if isinstance(value, (int, float)):
+        try:
+            return ("number", Decimal(value) if isinstance(value, int) else Decimal(str(value)))
+        except InvalidOperation:  # pragma: no cover - str(float) always parses
+            return ("number", str(value))
+    if isinstance(value, list):
+        return ("array", tuple(_canonical(v) for v in value))
+    if isinstance(value, Mapping):
+        return ("object", frozenset((str(k), _canonical(v)) for k, v in value.items()))
+    return ("other", repr(value))
+
+
 def _json_type_matches(value: object, kinds: set[str]) -> bool:
     if value is None:
         return "null" in kinds
@@ -1541,15 +1818,32 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool, *, strict: bool = True
     allows nothing, one space, or a newline plus up to 20 spaces/tabs.
 
     Supported: ``type`` (a name or a list), ``enum``, ``const``, ``anyOf``,
-    ``oneOf`` (as a union: exclusivity is not enforced), ``allOf`` (merged
-    when the parts do not conflict), local ``$ref`` (``#``, ``#/$defs/...``,
-    ``#/definitions/...``, any JSON pointer; recursion works), ``nullable``
-    (OpenAPI), objects (``properties``, ``required``,
-    ``additionalProperties``), arrays (``items``, ``prefixItems`` / tuple
-    ``items``, ``additionalItems``, ``minItems``, ``maxItems``), strings
-    (``minLength``, ``maxLength``, ``format`` date / time / date-time /
-    uuid), numbers and integers (``minimum``, ``maximum``,
+    ``oneOf`` (see below), ``allOf`` (merged when the parts do not
+    conflict), local ``$ref`` (``#``, ``#/$defs/...``, ``#/definitions/...``,
+    any JSON pointer; recursion works), ``nullable`` (OpenAPI), objects
+    (``properties``, ``required``, ``additionalProperties``), arrays
+    (``items``, ``prefixItems`` / tuple ``items``, ``additionalItems``,
+    ``minItems``, ``maxItems``), strings (``minLength``, ``maxLength``,
+    ``format``: see below), numbers and integers (``minimum``, ``maximum``,
     ``exclusiveMinimum``, ``exclusiveMaximum``, exact for any decimal bound).
+
+    Output is meant to validate with a Draft 2020-12 validator *with* its
+    format checker. Hence:
+
+    - ``oneOf`` is written as a union only when the branches are provably
+      exclusive: pairwise disjoint JSON types (integer counts as number),
+      const / enum branches with no value in common, or object branches
+      whose required property has a const / enum no other branch's value
+      for it shares. Otherwise it is refused (use ``anyOf``).
+    - ``format`` (on strings) is one of date, time, date-time (RFC 3339,
+      real calendar dates, years 0001-9999, seconds 00-59), uuid, ipv4
+      (no leading zeros), email / idn-email (plain ASCII ``atom.atom@label.label``).
+      Any other format is refused; so is a format combined with minLength /
+      maxLength that only some of its values meet.
+    - Strings hold Unicode scalar values only: no raw surrogates or code
+      points past U+10FFFF, and a ``\\u`` escape names either a
+      non-surrogate or a whole surrogate pair (which counts as one
+      character for minLength / maxLength).
 
     Choices that narrow the output (it stays valid, but not every valid
     instance can be produced):
@@ -1567,9 +1861,7 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool, *, strict: bool = True
       (``ensure_ascii=False``).
 
     Not enforced: ``maxLength`` / ``maxItems`` above 1000 (the upper bound
-    is dropped), the calendar (a "date" may read 2023-02-31), string
-    ``format`` values other than those above (formats are annotations in
-    JSON Schema).
+    is dropped).
 
     Ignored as annotations: title, description, default, examples,
     ``$schema``, ``$id``, ``$comment``, deprecated, readOnly, writeOnly,
@@ -1579,9 +1871,12 @@ def json_schema_to_gbnf(schema: Mapping[str, Any] | bool, *, strict: bool = True
     and a grammar cannot express them here): pattern, patternProperties,
     propertyNames, min/maxProperties, dependentRequired / dependentSchemas /
     dependencies, uniqueItems, contains / min/maxContains, multipleOf, not,
-    if / then / else, unevaluated*, dynamic refs, remote ``$ref``. With
-    ``strict=False`` those keywords are skipped instead, and the grammar is
-    looser than the schema: validate the result afterwards.
+    if / then / else, unevaluated*, dynamic refs, remote ``$ref``, and the
+    ``oneOf`` / ``format`` cases above. With ``strict=False`` those keywords
+    are skipped instead (an unprovable ``oneOf`` becomes a union, an
+    unknown format a plain string, a format keeps its grammar and drops the
+    lengths), and the grammar is looser than the schema: validate the
+    result afterwards.
     """
     if not isinstance(schema, (Mapping, bool)):
         raise GrammarError(
