@@ -250,6 +250,10 @@ cdef void gen_run(GenState * g) noexcept nogil:
             gen_finish(g, REASON_ERROR)
         return
     g.n_past += g.n_prompt
+    # An asynchronous backend (RPC, CUDA) may still be computing when
+    # llama_decode returns; the prefill ends when its results are there.
+    # (Sampling would wait for them next anyway.)
+    llama_synchronize(g.ctx)
     g.t_prefill_end_ns = xy_now_ns()
     while True:
         if xy_atomic_load(&g.cancel):

@@ -405,6 +405,10 @@ cdef void sched_step(SchedState * S, int32_t * hold_prefill) noexcept nogil:
             sched_end(S, i, True)
         return
 
+    if had_prefill:
+        # Prompts that finish in this step are stamped when their results
+        # exist: an asynchronous backend (RPC, CUDA) may still be computing.
+        llama_synchronize(S.ctx)
     for i in range(S.n_slots):
         g = S.slots[i].g
         if g == NULL:

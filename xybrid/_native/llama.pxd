@@ -184,6 +184,7 @@ cdef extern from "llama.h" nogil:
     bint llama_supports_mmap()
     bint llama_supports_gpu_offload()
     size_t llama_max_devices()
+    void llama_synchronize(llama_context * ctx)
     const char * llama_print_system_info()
 
     # --- model ------------------------------------------------------------------
