@@ -38,8 +38,14 @@ def peer_python() -> Path:
     return VENV_DIR / "bin" / "python"
 
 
+# The server extra: `python -m bench server` runs llama-cpp-python's own
+# OpenAI server (llama_cpp.server) as a contestant.
+EXTRAS = "server"
+
+
 def _wanted_stamp() -> dict[str, str]:
-    return {"version": PEER_VERSION, "cmake_args": CMAKE_ARGS, "python": sys.version.split()[0]}
+    return {"version": PEER_VERSION, "cmake_args": CMAKE_ARGS, "python": sys.version.split()[0],
+            "extras": EXTRAS}
 
 
 def is_ready() -> bool:
@@ -74,7 +80,7 @@ def ensure(log=print) -> tuple[Path | None, str]:
          "scikit-build-core[pyproject]>=0.10", "cmake>=3.21", "ninja",
          "numpy", "typing-extensions", "diskcache", "jinja2", "psutil"],
         [py, "-m", "pip", "install", "--verbose", "--no-build-isolation", "--no-cache-dir",
-         "--no-binary", "llama-cpp-python", f"llama-cpp-python=={PEER_VERSION}"],
+         "--no-binary", "llama-cpp-python", f"llama-cpp-python[{EXTRAS}]=={PEER_VERSION}"],
     ]
     with LOG.open("w") as out:
         for cmd in steps:

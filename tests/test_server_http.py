@@ -23,8 +23,10 @@ from server_support import ServerProcess, assert_openai_error, start_server
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Say hello."}]
 LONG = 1500  # tokens an abandoned stream would run for if it were not cancelled
-# A grammar that never completes: the model cannot end the reply early.
-ENDLESS = 'root ::= [a-z]+ " " root'
+# A grammar that completes only after 2,000 words, more tokens than any
+# request here asks for: the model cannot end the reply early. (A grammar
+# that can never complete is refused: it matches nothing.)
+ENDLESS = 'root ::= word{2000}\nword ::= [a-z]+ " "'
 
 
 @pytest.fixture(scope="module")

@@ -618,6 +618,13 @@ class LlamaCppBackend(LlmBackend):
         single-sequence path it holds the lock from the first ``next()``
         until it is exhausted or closed. ``handle.gen`` is the native
         generation once it runs, for :meth:`_Stream.cancel`."""
+        try:
+            yield from self._stream_pieces(prepare, config, handle)
+        finally:
+            handle.ended()
+
+    def _stream_pieces(self, prepare: _Prepare, config: GenerationConfig,
+                       handle: _StreamHandle) -> Generator[PartialToken, None, None]:
         loaded = self._require(live=True)
         if loaded.scheduler is not None:
             prepared, gen = self._submit(prepare, config, streaming=True)
@@ -830,6 +837,11 @@ class _StreamHandle:
         self.gen = gen
         if self.cancelled:  # cancel() came first; under the GIL one side sees the other
             gen.cancel()
+
+    def ended(self) -> None:
+        # Let go of the generation: backend.cancel() finds the ones in flight
+        # through weak references, which this would otherwise keep alive.
+        self.gen = None
 
     def cancel(self) -> None:
         self.cancelled = True
