@@ -40,20 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.concurrent import _use_installed_xybrid
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "rpc"
-
-
-def _use_installed_xybrid() -> None:
-    """From the repository root, ``import xybrid`` would find the source tree
-    (no compiled extension): import the installed package instead."""
-    here = {str(REPO), "", "."}
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if p not in here and Path(p or ".").resolve() != REPO]
-    try:
-        import xybrid  # noqa: F401
-    finally:
-        sys.path[:] = saved
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ from xybrid import (
     OverloadedError,
 )
 from xybrid._native import _engine
+from near_tie import assert_diverges_only_at_near_ties
 from xybrid.errors import ModelNotLoadedError
 
 GREEDY = GenerationConfig(max_tokens=24, temperature=0)
@@ -572,23 +573,9 @@ def test_gemma_q4_batched_greedy_matches_alone_or_diverges_at_a_near_tie(
         with LlamaCppBackend(LlmConfig(gemma_path, context_length=2048, n_threads=2,
                                        parallel=len(prompts))) as many:
             got = [o.token_ids for o in many.generate_batch(prompts, cfg, raw=True)]
-        model = one.model
-        ctx = _engine.Context(model, n_ctx=1024, n_batch=512, n_threads=2)
         # How many match depends on how the scheduler happened to group the
         # prompts into steps, so only where they part is checked.
-        for p, w, g in zip(prompts, want, got):
-            if w == g:
-                continue
-            k = next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
-            # Past the end of a reply, its "token" was the end of generation.
-            a = w[k] if k < len(w) else model.eos_token
-            b = g[k] if k < len(g) else model.eos_token
-            ctx.memory_clear()
-            ctx.decode(model.tokenize(p, add_special=True, parse_special=True) + list(w[:k]))
-            logits = ctx.logits()
-            gap = abs(logits[a] - logits[b])
-            assert gap < 0.5, f"{p!r}: diverged at token {k} with a logit gap of {gap:.3f}"
-        ctx.close()
+        assert_diverges_only_at_near_ties(one.model, prompts, want, got)
 
 
 def test_batched_requests_report_logprobs_like_solo_runs(

@@ -28,6 +28,7 @@ from xybrid._native import _engine
 from xybrid.errors import InvalidInputError, RemoteServerError
 from xybrid.rpc import layer_placement, parse_endpoint, probe
 from xybrid.testing.tiny_models import write_tiny_llama
+from near_tie import assert_diverges_only_at_near_ties
 
 pytestmark = pytest.mark.skipif(not _engine.supports_rpc(), reason="built with -Drpc=false")
 
@@ -322,20 +323,9 @@ def test_gemma_split_matches_local_or_diverges_at_a_near_tie(
             b.reset_cache()
             got.append(list(b.generate_raw(p, GREEDY).token_ids))
     model = _engine.Model(str(gemma_path))
-    ctx = _engine.Context(model, n_ctx=512, n_threads=2)
     try:
-        for p, w, g in zip(prompts, want, got):
-            if w == g:
-                continue
-            k = next((i for i, (a, c) in enumerate(zip(w, g)) if a != c), min(len(w), len(g)))
-            a = w[k] if k < len(w) else model.eos_token
-            c = g[k] if k < len(g) else model.eos_token
-            ctx.memory_clear()
-            ctx.decode(model.tokenize(p, add_special=True, parse_special=False) + w[:k])
-            logits = ctx.logits()
-            assert abs(logits[a] - logits[c]) < 0.5, f"{p!r} diverged at {k} off a near tie"
+        assert_diverges_only_at_near_ties(model, prompts, want, got, n_ctx=512)
     finally:
-        ctx.close()
         model.close()
 
 
