@@ -155,7 +155,8 @@ def _rpc_model_args(args: argparse.Namespace) -> dict[str, Any]:
         rpc.probe(server)
     if not servers:
         return {"gpu_layers": args.gpu_layers}
-    return {"gpu_layers": args.gpu_layers or -1, "rpc_servers": servers, "tensor_split": split}
+    return {"gpu_layers": rpc.remote_layers(args.gpu_layers), "rpc_servers": servers,
+            "tensor_split": split}
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -228,18 +229,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "system_info": _engine.system_info(),
     }
     if model.rpc_devices:
-        from xybrid.rpc import layer_placement
+        from xybrid.rpc import device_layers, parse_tensor_split
 
-        remote = model.rpc_devices
-        weights = [float(w) for w in args.tensor_split.split(",")] if args.tensor_split \
-            else [d["memory_free"] for d in remote]
-        where = layer_placement(model.n_layer, args.gpu_layers or -1, weights)
-        facts["devices"] = [
-            {"device": "CPU" if i < 0 else remote[i]["name"],
-             "endpoint": None if i < 0 else remote[i]["endpoint"],
-             "memory_free": None if i < 0 else remote[i]["memory_free"],
-             "layers": where.count(i)}
-            for i in range(-1, len(remote))]
+        facts["devices"] = device_layers(model.n_layer, args.gpu_layers, model.rpc_devices,
+                                         parse_tensor_split(args.tensor_split))
     model.close()
     if args.json:
         print(json.dumps(facts, indent=2))

@@ -231,7 +231,7 @@ class LlamaCppBackend(LlmBackend):
             # if not) before ggml, which would wait for good, connects.
             for server in config.rpc_servers:
                 rpc.probe(server)
-            gpu_layers = gpu_layers or -1  # the servers are the point: offload by default
+            gpu_layers = rpc.remote_layers(gpu_layers)
         model = _engine.Model(str(path), gpu_layers=gpu_layers, use_mmap=config.use_mmap,
                               rpc_servers=config.rpc_servers, tensor_split=config.tensor_split)
         multimodal = context = scheduler = None
@@ -354,16 +354,12 @@ class LlamaCppBackend(LlmBackend):
         placement: tuple[dict[str, Any], ...] = ()
         remote = loaded.model.rpc_devices
         if remote:
-            from xybrid.rpc import layer_placement
+            from xybrid.rpc import device_layers
 
-            weights = loaded.config.tensor_split or [d["memory_free"] for d in remote]
-            where = layer_placement(n_layer, wanted or -1, weights)
-            offloaded = sum(1 for w in where if w >= 0)
-            placement = tuple(
-                {"device": "CPU" if i < 0 else remote[i]["name"],
-                 "endpoint": None if i < 0 else remote[i]["endpoint"],
-                 "layers": where.count(i)}
-                for i in range(-1, len(remote)) if where.count(i))
+            held = [d for d in device_layers(n_layer, wanted, remote, loaded.config.tensor_split)
+                    if d["layers"]]
+            offloaded = sum(d["layers"] for d in held if d["endpoint"] is not None)
+            placement = tuple({k: d[k] for k in ("device", "endpoint", "layers")} for d in held)
         elif _engine.supports_gpu_offload():
             offloaded = n_layer + 1 if wanted < 0 else min(wanted, n_layer + 1)
         return Capabilities(

@@ -11,7 +11,8 @@ module is the Python side of that path:
   with another client, or speaks another protocol version is a
   :class:`~xybrid.errors.RemoteServerError` naming its address;
 - :func:`layer_placement` says which device holds each layer (a pure
-  function: the rule llama.cpp applies when it loads a model);
+  function: the rule llama.cpp applies when it loads a model), and
+  :func:`device_layers` how many each device of a loaded model holds;
 - :func:`serve` runs a server in this process (``xybrid rpc-server``).
 
 Security: the RPC protocol has no authentication and no encryption. Anyone
@@ -28,19 +29,22 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from xybrid.errors import InvalidInputError, RemoteServerError, XybridError
 
 __all__ = [
     "DEFAULT_PORT",
     "SECURITY_WARNING",
+    "device_layers",
     "layer_placement",
     "parse_endpoint",
     "parse_server_list",
     "parse_tensor_split",
     "probe",
+    "remote_layers",
     "serve",
     "ServerInfo",
 ]
@@ -207,6 +211,27 @@ def layer_placement(n_layer: int, gpu_layers: int, weights: Sequence[float]) -> 
         dev = next((i for i, b in enumerate(bounds) if b > frac), len(bounds) - 1)
         out.append(dev)
     return out
+
+
+def remote_layers(gpu_layers: int) -> int:
+    """What ``gpu_layers`` means with RPC servers: 0 (the default) puts
+    every layer on them, since they are the point (-1 for llama.cpp)."""
+    return gpu_layers or -1
+
+
+def device_layers(n_layer: int, gpu_layers: int, devices: Sequence[Mapping[str, Any]],
+                  tensor_split: Sequence[float] = ()) -> list[dict[str, Any]]:
+    """The local CPU, then each remote device of a model (``Model.rpc_devices``),
+    with its endpoint, the free memory it reported at load and how many
+    layers it holds (the output layer counts as one)."""
+    weights = list(tensor_split) or [d["memory_free"] for d in devices]
+    where = layer_placement(n_layer, remote_layers(gpu_layers), weights)
+    return [
+        {"device": "CPU" if i < 0 else devices[i]["name"],
+         "endpoint": None if i < 0 else devices[i]["endpoint"],
+         "memory_free": None if i < 0 else devices[i]["memory_free"],
+         "layers": where.count(i)}
+        for i in range(-1, len(devices))]
 
 
 def _check_bindable(host: str, port: int) -> None:
