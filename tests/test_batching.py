@@ -535,9 +535,9 @@ def test_engine_scheduler_refuses_misuse(f32_path: Path) -> None:
 
 def test_ctrl_c_cancels_a_batched_generate_and_the_backend_stays_usable(
         f32_path: Path, tmp_path: Path) -> None:
-    import signal
-    import subprocess
     import sys
+
+    from interrupt import interrupt_when_ready
 
     script = tmp_path / "interrupt.py"
     script.write_text(f"""
@@ -554,17 +554,9 @@ out = b.generate_raw("Once", GenerationConfig(max_tokens=4, temperature=0))
 print("after", out.tokens_generated, flush=True)
 b.unload()
 """)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
+    code, out, _ = interrupt_when_ready([sys.executable, str(script)], timeout=30)
     assert out.split("\n")[:2] == ["interrupted 0", "after 4"], out
-    assert proc.returncode == 0
+    assert code == 0
 
 
 def test_gemma_q4_batched_greedy_matches_alone_or_diverges_at_a_near_tie(

@@ -29,56 +29,11 @@ from xybrid.errors import InvalidInputError, RemoteServerError
 from xybrid.rpc import layer_placement, parse_endpoint, probe
 from xybrid.testing.tiny_models import write_tiny_llama
 from near_tie import assert_diverges_only_at_near_ties
+from rpc_server import RpcServer, free_port
 
 pytestmark = pytest.mark.skipif(not _engine.supports_rpc(), reason="built with -Drpc=false")
 
-START_TIMEOUT_S = 30.0
 PROMPT = "The three primary colours are"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RpcServer:
-    """One ``xybrid rpc-server`` process; ``start()`` returns once it answers."""
-
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
-        self.workdir = workdir
-        self.port = port or _free_port()
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / f"rpc-{self.port}.log"
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> RpcServer:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "xybrid", "rpc-server", "--port", str(self.port),
-                 "--threads", "1", *self.extra],
-                cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"rpc-server exited {self.proc.returncode}: "
-                                     f"{self.log.read_text(errors='replace')}")
-            try:
-                probe(self.endpoint, timeout=2.0)
-                return self
-            except RemoteServerError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -137,7 +92,7 @@ def test_config_checks_servers_and_split(tmp_path: Path) -> None:
 
 
 def test_a_server_that_is_not_there_is_named(gemma_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(RemoteServerError, match=f"127.0.0.1:{port} refused") as info:
         LlamaCppBackend(LlmConfig(gemma_path, rpc_servers=[f"127.0.0.1:{port}"]))
     assert info.value.endpoint == f"127.0.0.1:{port}"
@@ -429,7 +384,7 @@ def test_chat_with_rpc_flag(servers: list[RpcServer], tmp_path: Path) -> None:
 
 
 def test_cli_with_a_down_server_is_one_line_error(tiny_f32: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "xybrid", "generate", "hi", "--model", str(tiny_f32),
          "--rpc", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -152,32 +152,14 @@ def test_cli_version_and_generate(tmp_path: Path, greedy_text: str) -> None:
 def test_rpc_backend_splits_the_default_model(tmp_path: Path) -> None:
     """The RPC backend is in the package (a module of its own in a portable
     build), carries xybrid's patch, and a model runs across a server."""
-    import socket
-    import time
-
-    from xybrid.errors import RemoteServerError
-    from xybrid.rpc import probe
+    from rpc_server import RpcServer
 
     assert _build_info.RPC and _engine.supports_rpc() and _engine.rpc_recovers()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "xybrid", "rpc-server", "--port", str(port),
-                               "--threads", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = RpcServer(tmp_path).start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                probe(f"127.0.0.1:{port}", timeout=2)
-                break
-            except RemoteServerError:
-                assert server.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
         proc = xybrid_cli("generate", PROMPT, "--max-tokens", "8", "--temperature", "0",
-                          "--threads", "1", "--rpc", f"127.0.0.1:{port}", cwd=tmp_path)
+                          "--threads", "1", "--rpc", server.endpoint, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(PROMPT) and len(proc.stdout) > len(PROMPT) + 2
     finally:
         server.kill()
-        server.wait(10)

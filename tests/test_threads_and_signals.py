@@ -9,8 +9,6 @@ suite.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 
 from xybrid import GenerationConfig, LlamaCppBackend, LlmConfig, XybridError
+from interrupt import interrupt_when_ready
 
 GREEDY = GenerationConfig(max_tokens=24, temperature=0)
 
@@ -159,16 +158,7 @@ SIGINT_CHILD = textwrap.dedent("""
 
 
 def test_ctrl_c_stops_a_running_generate(tiny_llama_path: Path, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, str(tiny_llama_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    code, out, err = interrupt_when_ready(
+        [sys.executable, "-c", SIGINT_CHILD, str(tiny_llama_path)], cwd=tmp_path)
+    assert code == 0, err
     assert out.split() == ["interrupted", "again", "True"]
