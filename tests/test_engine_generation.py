@@ -168,6 +168,16 @@ def test_greedy_matches_python_step_loop(ctx, gemma_model, gemma_greedy, prompt_
     assert reference.n_decoded == N_REF - 1
 
 
+def test_argmax_shortcut_matches_llama_greedy_stage(ctx, gemma_model, prompt_tokens, reference):
+    """A greedy-only chain takes the engine's vectorised argmax; a chain with
+    one more (no-op) stage goes through llama.cpp's greedy sampler over the
+    whole candidate array. On Gemma's 262k vocabulary both pick the same
+    tokens, so the shortcut changes speed, not output."""
+    through_llama = Sampler(gemma_model, temperature=0.0, logit_bias={0: 0.0})
+    result = ctx.generate(prompt_tokens, through_llama, max_tokens=N_REF)
+    assert result.tokens == reference.tokens
+
+
 def test_memory_clear_between_runs(ctx, gemma_greedy, prompt_tokens, reference):
     assert ctx.seq_pos_max(0) == -1
     first = ctx.generate(prompt_tokens, gemma_greedy, max_tokens=8)
