@@ -120,8 +120,14 @@ cdef void gen_wake(GenState * g) noexcept nogil:
     pipe an event loop watches (astream) when there is one."""
     pthread_cond_broadcast(&g.cond_data)
     if g.wake_fd >= 0:
-        # Non-blocking: a full pipe already says "look".
-        xy_poke_fd(g.wake_fd)
+        if g.sched != NULL and g.phase != PHASE_DONE:
+            # Poked once the scheduler's step is over (sched_poke_pending):
+            # the event loop then finds every stream of the step ready in one
+            # wake-up instead of waking once per stream while the step runs.
+            g.poke_pending = True
+        else:
+            # Non-blocking: a full pipe already says "look".
+            xy_poke_fd(g.wake_fd)
 
 
 cdef void gen_publish(GenState * g) noexcept nogil:

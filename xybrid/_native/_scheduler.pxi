@@ -490,6 +490,19 @@ cdef void sched_clear_idle(SchedState * S) noexcept nogil:
     pthread_cond_broadcast(&S.cond_released)
 
 
+cdef void sched_poke_pending(SchedState * S) noexcept nogil:
+    """After a step: poke the wake pipes its tokens were promised to. A state
+    still in its slot has not been released, so its pipe is open; one that
+    finished in the step was poked when it finished."""
+    cdef int32_t i
+    cdef GenState * g
+    for i in range(S.n_slots):
+        g = S.slots[i].g
+        if g != NULL and g.poke_pending:
+            g.poke_pending = False
+            xy_poke_fd(g.wake_fd)
+
+
 cdef void * sched_main(void * arg) noexcept nogil:
     cdef SchedState * S = <SchedState *> arg
     cdef int32_t hold_prefill = 0
@@ -510,6 +523,7 @@ cdef void * sched_main(void * arg) noexcept nogil:
             continue
         pthread_mutex_unlock(&S.mu)
         sched_step(S, &hold_prefill)
+        sched_poke_pending(S)
     sched_shutdown(S)
     return NULL
 
