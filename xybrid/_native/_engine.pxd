@@ -148,7 +148,7 @@ cdef struct GenState:
     int phase                   # PHASE_*; written by the scheduler thread
     int released                # under sched.mu: the scheduler is done with this state
     int wake_fd                 # write end of a pipe poked when the consumer should look; -1: none
-    bint poke_pending           # the pipe is owed a poke, given once the step is over
+    bint poke_pending           # scheduler thread only: the pipe is owed a poke, given after the step
     int32_t prompt_off          # prompt tokens reused from the cache (not decoded)
     int32_t prefilled           # prompt tokens decoded so far (from prompt_off)
     int32_t batch_idx           # row of this sequence's logits in the current batch; -1: none
