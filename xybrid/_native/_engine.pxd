@@ -236,6 +236,8 @@ cdef struct SchedState:
     int64_t n_kv_full       # sequences ended because the KV cache was full
     int64_t busy_ns         # time spent in steps
     int32_t kv_pos_used     # positions held by all slots
+    int64_t wake_interval_ns  # scheduler thread only: least time between two wakes of one
+                              # streaming consumer this step (see STREAM_WAKES_PER_SECOND)
 
 
 # --- classes --------------------------------------------------------------------------

@@ -137,7 +137,10 @@ cdef void gen_publish(GenState * g) noexcept nogil:
     if not g.streaming:
         return
     cdef int64_t t = xy_now_ns()
-    if (t - g.last_wake_ns >= g.chunk_interval_ns or g.last_wake_ns == 0
+    cdef int64_t interval = g.chunk_interval_ns
+    if g.sched != NULL and (<SchedState *> g.sched).wake_interval_ns > interval:
+        interval = (<SchedState *> g.sched).wake_interval_ns
+    if (t - g.last_wake_ns >= interval or g.last_wake_ns == 0
             or g.emitted - g.consumed > g.buffer_limit):
         g.last_wake_ns = t
         gen_wake(g)

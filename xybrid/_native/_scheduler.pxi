@@ -309,6 +309,7 @@ cdef void sched_step(SchedState * S, int32_t * hold_prefill) noexcept nogil:
     per sequence that asked for logits."""
     cdef int32_t i, j, k, take, remaining, rc, budget
     cdef int32_t n_seqs = 0
+    cdef int32_t n_streaming = 0
     cdef int32_t order[512]
     cdef int32_t n_order = 0
     cdef int32_t takes[512]
@@ -344,6 +345,8 @@ cdef void sched_step(SchedState * S, int32_t * hold_prefill) noexcept nogil:
         sched_add(b, g.next_token, g.n_past, i, True)
         had_generating = True
         n_seqs += 1
+        n_streaming += g.streaming
+    S.wake_interval_ns = n_streaming * (1000000000 // STREAM_WAKES_PER_SECOND)
     # Prompt chunks, oldest admission first, within what is left of the budget.
     budget = S.n_batch - b.n_tokens
     if hold_prefill[0]:
