@@ -35,6 +35,8 @@ import numpy as np
 __all__ = [
     "vocab_path",
     "write_tiny_llama",
+    "write_tiny_transformer",
+    "TINY_TRANSFORMER_ARCHITECTURES",
     "write_tiny_mamba",
     "write_tiny_lfm2",
     "write_tiny_recurrent",
@@ -325,6 +327,138 @@ def write_tiny_llama(
         w.matrix(b + "ffn_up.weight", (n_embd, n_ff))
         w.matrix(b + "ffn_down.weight", (n_ff, n_embd))
     return _write(gguf, path, "llama", "xybrid-tiny-llama", tok, kv, w)
+
+
+# What each architecture of write_tiny_transformer adds to a plain
+# pre-norm transformer, as its loader in llama.cpp/src/models/ reads it:
+#   norms      the per-layer norms, "layer" norm = LayerNorm (weight + bias)
+#   qkv        "split" (attn_q/k/v), "split+bias", or "fused" (attn_qkv)
+#   qk_norm    None, "head" (one head_dim vector) or "all" (n_head * head_dim)
+#   ffn        "gated", "plain" (no gate) or "fused" (gate and up in ffn_up)
+#   biases     output projection and feed-forward biases (starcoder2)
+#   tied       no output.weight: the architecture always reuses token_embd
+#   moe        every layer a mixture of n_expert experts
+#   kv         further keys the loader requires
+_TRANSFORMERS: dict[str, dict[str, Any]] = {
+    "qwen2": dict(qkv="split+bias"),
+    "qwen3": dict(qk_norm="head"),
+    "qwen3moe": dict(qk_norm="head", moe=True),
+    # llama.cpp's vocabulary loader looks up phi3's own special tokens
+    "phi3": dict(qkv="fused", ffn="fused", vocab="phi-3"),
+    "starcoder2": dict(norm="layer", qkv="split+bias", ffn="plain", biases=True),
+    "gemma2": dict(norms=("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"), tied=True,
+                   kv=[("{arch}.attention.sliding_window", 32),
+                       ("{arch}.attn_logit_softcapping", 50.0), ("{arch}.final_logit_softcapping", 30.0)]),
+    "olmo2": dict(norms=("post_attention_norm", "post_ffw_norm"), qk_norm="all"),
+    "granite": dict(kv=[("{arch}.logit_scale", 8.0), ("{arch}.residual_scale", 0.25),
+                        ("{arch}.embedding_scale", 12.0), ("{arch}.attention.scale", 0.0625)]),
+    "smollm3": dict(),
+    "stablelm": dict(norm="layer", norms=("attn_norm", "ffn_norm")),
+}
+
+#: the architectures :func:`write_tiny_transformer` writes
+TINY_TRANSFORMER_ARCHITECTURES = tuple(sorted(_TRANSFORMERS))
+
+
+def write_tiny_transformer(
+    path: str | os.PathLike[str],
+    arch: str,
+    *,
+    vocab: str | None = None,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_expert: int = 4,
+    n_expert_used: int = 2,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    dtype: str = "f16",
+    llama_cpp_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a tiny random-weight model of another transformer architecture
+    llama.cpp runs (one of :data:`TINY_TRANSFORMER_ARCHITECTURES`): the
+    tensors and keys that architecture's loader reads, with the shapes its
+    graph uses, the weights random as in :func:`write_tiny_llama`. They are
+    for tests of code that depends on the architecture, such as the GGUF
+    checker (:mod:`xybrid.gguf_check`). ``vocab`` defaults to ``llama-spm``
+    (``phi-3`` for phi3). ``n_expert`` / ``n_expert_used`` apply
+    to the mixture-of-experts architectures only. Deterministic; returns the
+    path."""
+    gguf = _import_gguf()
+    if arch not in _TRANSFORMERS:
+        raise ValueError(f"arch must be one of {TINY_TRANSFORMER_ARCHITECTURES}, got {arch!r}")
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must be a multiple of n_head, n_head of n_head_kv")
+    prof = _TRANSFORMERS[arch]
+    layer_norm = prof.get("norm") == "layer"
+    norms = prof.get("norms", ("attn_norm", "ffn_norm"))
+    qkv, qk_norm, ffn = prof.get("qkv", "split"), prof.get("qk_norm"), prof.get("ffn", "gated")
+    moe = bool(prof.get("moe"))
+    tok = _read_tokenizer(vocab_path(vocab or prof.get("vocab", "llama-spm"), llama_cpp_dir))
+    head = n_embd // n_head
+    q, kv_width = n_embd, head * n_head_kv
+
+    kv: list[tuple[str, Any]] = [
+        ("{arch}.vocab_size", tok.n_vocab),
+        ("{arch}.context_length", n_ctx_train),
+        ("{arch}.embedding_length", n_embd),
+        ("{arch}.block_count", n_layer),
+        ("{arch}.attention.layer_norm_epsilon" if layer_norm else "{arch}.attention.layer_norm_rms_epsilon",
+         _RMS_EPS),
+        ("{arch}.feed_forward_length", n_ff),
+        ("{arch}.attention.head_count", n_head),
+        ("{arch}.attention.head_count_kv", n_head_kv),
+        ("{arch}.rope.dimension_count", head),
+        ("{arch}.rope.freq_base", 10000.0),
+    ] + list(prof.get("kv", []))
+    if moe:
+        kv += [("{arch}.expert_count", n_expert), ("{arch}.expert_used_count", n_expert_used),
+               ("{arch}.expert_feed_forward_length", n_ff)]
+
+    w = _Weights(seed, dtype)
+
+    def norm(name: str, n: int) -> None:
+        w.ones(name + ".weight", n)
+        if layer_norm:
+            w.f32(name + ".bias", np.zeros(n, dtype=np.float32))
+
+    w.matrix("token_embd.weight", (n_embd, tok.n_vocab))
+    norm("output_norm", n_embd)
+    if not prof.get("tied"):
+        w.matrix("output.weight", (n_embd, tok.n_vocab))
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        for name in norms:
+            norm(b + name, n_embd)
+        if qkv == "fused":
+            w.matrix(b + "attn_qkv.weight", (n_embd, q + 2 * kv_width))
+        else:
+            for name, width in (("attn_q", q), ("attn_k", kv_width), ("attn_v", kv_width)):
+                w.matrix(b + name + ".weight", (n_embd, width))
+                if qkv == "split+bias":
+                    w.f32_random(b + name + ".bias", (width,))
+        w.matrix(b + "attn_output.weight", (q, n_embd))
+        if prof.get("biases"):
+            w.f32_random(b + "attn_output.bias", (n_embd,))
+        if qk_norm:
+            w.ones(b + "attn_q_norm.weight", head if qk_norm == "head" else q)
+            w.ones(b + "attn_k_norm.weight", head if qk_norm == "head" else kv_width)
+        if moe:
+            w.matrix(b + "ffn_gate_inp.weight", (n_embd, n_expert))
+            w.matrix(b + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert))
+            w.matrix(b + "ffn_up_exps.weight", (n_embd, n_ff, n_expert))
+            w.matrix(b + "ffn_down_exps.weight", (n_ff, n_embd, n_expert))
+            continue
+        if ffn == "gated":
+            w.matrix(b + "ffn_gate.weight", (n_embd, n_ff))
+        w.matrix(b + "ffn_up.weight", (n_embd, 2 * n_ff if ffn == "fused" else n_ff))
+        w.matrix(b + "ffn_down.weight", (n_ff, n_embd))
+        if prof.get("biases"):
+            w.f32_random(b + "ffn_up.bias", (n_ff,))
+            w.f32_random(b + "ffn_down.bias", (n_embd,))
+    return _write(gguf, path, arch, f"xybrid-tiny-{arch}", tok, kv, w)
 
 
 def write_tiny_mamba(
