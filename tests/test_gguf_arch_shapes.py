@@ -219,3 +219,73 @@ def test_smollm2_mutated(tmp_path: Path) -> None:
     bad = _copy_patched(smol, tmp_path / "smol.gguf", "blk.7.attn_q.weight", "dim1", 512)
     with pytest.raises(ModelLoadError, match=r"blk\.7\.attn_q\.weight.*expected \[576, 576\]"):
         check_model_file(bad)
+
+
+# --- projectors: the ViT stem and the gemma3 / idefics3 heads ------------------------
+
+
+@pytest.fixture(scope="module")
+def projectors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from xybrid.testing.tiny_models import write_tiny_mmproj_vision
+
+    d = tmp_path_factory.mktemp("gguf-projectors")
+    out = {pt: write_tiny_mmproj_vision(d / f"{pt}.gguf", projector_type=pt) for pt in ("gemma3", "idefics3")}
+    out["base"] = write_tiny_llama(d / "base.gguf")
+    return out
+
+
+def test_gemma3_projector_passes_and_runs(projectors: dict[str, Path], worker: Worker) -> None:
+    from xybrid.gguf_check import check_projector_file
+
+    check_projector_file(projectors["gemma3"], text_n_embd=64)
+    reply = worker.run({"kind": "projector", "path": str(projectors["gemma3"]), "base_model": str(projectors["base"])})
+    assert reply == {"ok": True}
+
+
+def test_projector_markers_missing_from_the_vocabulary(projectors: dict[str, Path], worker: Worker) -> None:
+    # idefics3 frames each image slice with tokens it looks up in the text
+    # model's vocabulary ("<fake_token_around_image>", "\n\n"); the tiny
+    # llama has none of them and mtmd wrote -1 in their place, which aborted
+    # the process (GGML_ASSERT(idx >= 0) in mtmd's helper) at the first image.
+    from xybrid.gguf_check import check_projector_file
+
+    check_projector_file(projectors["idefics3"], text_n_embd=64)
+    reply = worker.run({"kind": "projector", "path": str(projectors["idefics3"]),
+                        "base_model": str(projectors["base"])})
+    assert "crash" not in reply, reply.get("stderr", "")[-1500:]
+    assert reply.get("error") == "UnsupportedInputError", reply
+    assert "vocabulary does not have" in reply["message"]
+
+
+PROJECTOR_SHAPE_CASES = [
+    ("gemma3", "projection-width", lambda d, f: patch(
+        d, tensor_field_offsets(f, "mm.input_projection.weight")["dim1"], "<q", 16),
+     ("mm.input_projection.weight", "shape")),
+    ("gemma3", "soft-norm", lambda d, f: patch(d, tensor_field_offsets(f, "mm.soft_emb_norm.weight")["dim0"], "<q", 16),
+     ("mm.soft_emb_norm.weight", "shape")),
+    ("gemma3", "pool-zero", lambda d, f: rebuild(d, {"clip.vision.projector.scale_factor": encode_value(VT.UINT32, 0)},
+                                                 f=f), ("clip.vision.projector.scale_factor",)),
+    ("gemma3", "pool-past-the-grid", lambda d, f: rebuild(
+        d, {"clip.vision.projector.scale_factor": encode_value(VT.UINT32, 8)}, f=f),
+     ("clip.vision.projector.scale_factor", "outside [1, 4]")),
+    ("gemma3", "position-count", lambda d, f: patch(d, tensor_field_offsets(f, "v.position_embd.weight")["dim1"], "<q", 8),
+     ("v.position_embd.weight",)),
+    ("idefics3", "shuffle-of-one", lambda d, f: rebuild(
+        d, {"clip.vision.projector.scale_factor": encode_value(VT.UINT32, 1)}, f=f),
+     ("clip.vision.projector.scale_factor", "outside [2, 64]")),
+    ("idefics3", "shuffle-missing", lambda d, f: rebuild(d, {"clip.vision.projector.scale_factor": None}, f=f),
+     ("clip.vision.projector.scale_factor", "missing")),
+    ("idefics3", "fc-rows", lambda d, f: patch(d, tensor_field_offsets(f, "mm.model.fc.weight")["dim0"], "<q", 64),
+     ("mm.model.fc.weight", "shape")),
+]
+
+
+@pytest.mark.parametrize("case", PROJECTOR_SHAPE_CASES, ids=[f"{c[0]}-{c[1]}" for c in PROJECTOR_SHAPE_CASES])
+def test_projector_that_does_not_fit_is_refused(projectors: dict[str, Path], worker: Worker, tmp_path: Path,
+                                                case: tuple[str, str, Any, tuple[str, ...]]) -> None:
+    kind, _, edit, words = case
+    src = projectors[kind]
+    path = tmp_path / f"{kind}-mutated.gguf"
+    path.write_bytes(edit(src.read_bytes(), read_gguf(src)))
+    reply = worker.run({"kind": "projector", "path": str(path), "base_model": str(projectors["base"])})
+    _refused(reply, path, *words)

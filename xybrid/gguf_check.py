@@ -1134,13 +1134,15 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
             # each bias has the length of its matrix's output
             c.tensor(b + "ffn_up.bias", (up.dims[1] if len(up.dims) > 1 else 1,), FL, required=False)
             c.tensor(b + "ffn_down.bias", (down.dims[1] if len(down.dims) > 1 else 1,), FL, required=False)
-    if proj_type == "mlp" and m == "vision":
+    if proj_type in _VIT_PROJECTORS and m == "vision":
+        # a ViT stem: square images cut into patches, one position each
         image_size = c.integer(k + "image_size", 1, 1 << 14, required=True)
         patch_size = c.integer(k + "patch_size", 1, 1 << 10, required=True)
         assert image_size and patch_size
         if image_size % patch_size:
             raise c.fail(f"{k}image_size {image_size} is not a multiple of {k}patch_size {patch_size}")
-        n_patches = (image_size // patch_size) ** 2
+        side = image_size // patch_size
+        n_patches = side * side
         c.tensor("v.patch_embd.weight", (patch_size, patch_size, 3, n_embd), FL)
         c.tensor("v.patch_embd.bias", (n_embd,), FL, required=False)
         pos = c.tensor("v.position_embd.weight", None, FL)
@@ -1148,18 +1150,10 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
         if _squeeze(pos.dims)[:1] != (n_embd,) or pos.dims[1:2] not in ((n_patches,), (n_patches + 1,)):
             raise c.fail(f"tensor 'v.position_embd.weight' has shape {list(pos.dims)}, expected "
                          f"[{n_embd}, {n_patches}] for {n_patches} patches")
-        c.tensor("v.pre_ln.weight", (n_embd,), FL, required=False)
-        c.tensor("v.pre_ln.bias", (n_embd,), FL, required=False)
-        mm0 = c.tensor("mm.0.weight", None, M)
-        mm2 = c.tensor("mm.2.weight", None, M)
-        assert mm0 is not None and mm2 is not None
-        hidden = mm0.dims[1] if len(mm0.dims) > 1 else 1
-        out = mm2.dims[1] if len(mm2.dims) > 1 else 1
-        c.tensor("mm.0.weight", (n_embd, hidden), M)
-        c.tensor("mm.0.bias", (hidden,), FL, required=False)
-        c.tensor("mm.2.weight", (hidden, out), M)
-        c.tensor("mm.2.bias", (out,), FL, required=False)
-        return out
+        for name in ("pre_ln", "post_ln"):
+            c.tensor(f"v.{name}.weight", (n_embd,), FL, required=False)
+            c.tensor(f"v.{name}.bias", (n_embd,), FL, required=False)
+        return _VIT_PROJECTORS[proj_type](c, k, n_embd, side)
     elif proj_type == "qwen2a" and m == "audio":
         n_mel = c.integer(k + "num_mel_bins", 1, 256, required=True)
         assert n_mel
@@ -1181,6 +1175,59 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
         c.tensor("mm.a.fc.bias", (out,), FL, required=False)
         return out
     return None
+
+
+def _mlp_head(c: _Checker, k: str, n_embd: int, side: int) -> int:
+    """LLaVA's ``mm.0 -> GELU -> mm.2``; returns its output width."""
+    M, FL = _MATRIX_TYPES, _FLOAT_TENSOR_TYPES
+    mm0 = c.tensor("mm.0.weight", None, M)
+    mm2 = c.tensor("mm.2.weight", None, M)
+    assert mm0 is not None and mm2 is not None
+    hidden = mm0.dims[1] if len(mm0.dims) > 1 else 1
+    out = mm2.dims[1] if len(mm2.dims) > 1 else 1
+    c.tensor("mm.0.weight", (n_embd, hidden), M)
+    c.tensor("mm.0.bias", (hidden,), FL, required=False)
+    c.tensor("mm.2.weight", (hidden, out), M)
+    c.tensor("mm.2.bias", (out,), FL, required=False)
+    return out
+
+
+def _gemma3_head(c: _Checker, k: str, n_embd: int, side: int) -> int:
+    """Gemma 3: the patch grid average-pooled by ``projector.scale_factor``
+    (default 4) per side, an RMS norm, then ``mm.input_projection``, whose
+    first dimension is the output width (the graph multiplies by its
+    transpose)."""
+    c.integer(k + "projector.scale_factor", 1, side, default=4)
+    if k + "projector.scale_factor" not in c.f.kv and side < 4:
+        raise c.fail(f"a {side}x{side} patch grid is smaller than the default pooling of 4 patches a side")
+    c.tensor("mm.soft_emb_norm.weight", (n_embd,), _FLOAT_TENSOR_TYPES)
+    proj = c.tensor("mm.input_projection.weight", None, _MATRIX_TYPES)
+    assert proj is not None
+    out = proj.dims[0]
+    c.tensor("mm.input_projection.weight", (out, n_embd), _MATRIX_TYPES)
+    return out
+
+
+def _idefics3_head(c: _Checker, k: str, n_embd: int, side: int) -> int:
+    """Idefics3 / SmolVLM: a pixel shuffle that folds ``scale_factor`` x
+    ``scale_factor`` patches into one (clip asserts a factor above 1, and the
+    default is 1), then ``mm.model.fc``."""
+    scale = c.integer(k + "projector.scale_factor", 2, 64, required=True)
+    assert scale
+    fc = c.tensor("mm.model.fc.weight", None, _MATRIX_TYPES)
+    assert fc is not None
+    out = fc.dims[1] if len(fc.dims) > 1 else 1
+    c.tensor("mm.model.fc.weight", (n_embd * scale * scale, out), _MATRIX_TYPES)
+    return out
+
+
+# vision projectors whose ViT stem and projection are checked in full:
+# projector type -> the projection head's check, returning its output width
+_VIT_PROJECTORS: dict[str, Callable[[_Checker, str, int, int], int]] = {
+    "mlp": _mlp_head,
+    "gemma3": _gemma3_head,
+    "idefics3": _idefics3_head,
+}
 
 
 def check_projector_file(path: str | os.PathLike[str], *, text_n_embd: int | None = None) -> GGUFFile:

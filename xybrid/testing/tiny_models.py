@@ -679,9 +679,12 @@ def _vision_part(
     image_size: int,
     patch_size: int,
     proj_hidden: int,
+    projector_type: str = "mlp",
 ) -> None:
     """A LLaVA-1.5-style vision tower: CLIP ViT + 2-layer GELU MLP projector
-    (clip.cpp projector type ``mlp``)."""
+    (clip.cpp projector type ``mlp``); or with ``projector_type`` "gemma3"
+    (SigLIP-style ViT, average pooling by 2 a side, RMS norm, projection) or
+    "idefics3" (pixel shuffle by 2 a side, one projection)."""
     _check_heads(n_embd, n_head, n_ff, "vision")
     if image_size % patch_size:
         raise ValueError("image_size must be a multiple of patch_size")
@@ -702,6 +705,20 @@ def _vision_part(
     # patch embedding: a conv2d, kernel = stride = patch_size, no bias (as CLIP)
     _fan_in(w, "v.patch_embd.weight", (patch_size, patch_size, 3, n_embd), 3 * patch_size * patch_size)
     w.f32_random("v.position_embd.weight", (n_embd, n_patches))
+    if projector_type != "mlp":
+        kv.append(("clip.vision.projector.scale_factor", 2, "u32"))
+        _add_encoder_layers(w, "v", n_layer, n_embd, n_ff, k_bias=True)
+        w.ones("v.post_ln.weight", n_embd)
+        w.f32("v.post_ln.bias", np.zeros(n_embd, dtype=np.float32))
+        if projector_type == "gemma3":
+            w.ones("mm.soft_emb_norm.weight", n_embd)
+            # the graph multiplies by the transpose: [text width, n_embd]
+            _fan_in(w, "mm.input_projection.weight", (text_model_n_embd, n_embd), n_embd)
+        elif projector_type == "idefics3":
+            _fan_in(w, "mm.model.fc.weight", (4 * n_embd, text_model_n_embd), 4 * n_embd)
+        else:
+            raise ValueError(f"projector_type must be mlp, gemma3 or idefics3, got {projector_type!r}")
+        return
     w.ones("v.pre_ln.weight", n_embd)
     w.f32("v.pre_ln.bias", np.zeros(n_embd, dtype=np.float32))
     _add_encoder_layers(w, "v", n_layer, n_embd, n_ff, k_bias=True)
@@ -804,6 +821,7 @@ def write_tiny_mmproj_vision(
     proj_hidden: int = 64,
     seed: int = 0,
     dtype: str = "f16",
+    projector_type: str = "mlp",
 ) -> Path:
     """Write a tiny random-weight *vision* projector (mmproj) GGUF to ``path``.
 
@@ -817,11 +835,13 @@ def write_tiny_mmproj_vision(
 
     ``text_model_n_embd`` must equal the text model's ``n_embd`` (64 for
     :func:`write_tiny_llama`'s defaults) or ``mtmd_init_from_file`` refuses
-    the pair. Deterministic for a given seed. Returns the path.
+    the pair. ``projector_type`` "gemma3" or "idefics3" writes those
+    projectors instead (4 image tokens by default). Deterministic for a given
+    seed. Returns the path.
     """
     gguf = _import_gguf()
     kv: list[tuple[str, Any, str]] = [
-        ("clip.projector_type", "mlp", "str"),
+        ("clip.projector_type", projector_type, "str"),
         ("clip.has_vision_encoder", True, "bool"),
         ("clip.has_audio_encoder", False, "bool"),
     ]
@@ -829,6 +849,7 @@ def write_tiny_mmproj_vision(
     _vision_part(
         w, kv, text_model_n_embd=text_model_n_embd, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         n_ff=n_ff, image_size=image_size, patch_size=patch_size, proj_hidden=proj_hidden,
+        projector_type=projector_type,
     )
     return _write_mmproj(gguf, path, "xybrid-tiny-mmproj-vision", kv, w)
 
