@@ -231,14 +231,19 @@ def projectors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("gguf-projectors")
     out = {pt: write_tiny_mmproj_vision(d / f"{pt}.gguf", projector_type=pt) for pt in ("gemma3", "idefics3")}
     out["base"] = write_tiny_llama(d / "base.gguf")
+    # the tokens mtmd frames idefics3's image slices with
+    out["base-idefics3"] = write_tiny_llama(d / "base-idefics3.gguf",
+                                            extra_tokens=["\n\n", "<fake_token_around_image>", "<global-img>"])
     return out
 
 
-def test_gemma3_projector_passes_and_runs(projectors: dict[str, Path], worker: Worker) -> None:
+@pytest.mark.parametrize("kind", ["gemma3", "idefics3"])
+def test_projector_passes_and_runs(projectors: dict[str, Path], worker: Worker, kind: str) -> None:
     from xybrid.gguf_check import check_projector_file
 
-    check_projector_file(projectors["gemma3"], text_n_embd=64)
-    reply = worker.run({"kind": "projector", "path": str(projectors["gemma3"]), "base_model": str(projectors["base"])})
+    check_projector_file(projectors[kind], text_n_embd=64)
+    base = projectors["base-idefics3" if kind == "idefics3" else "base"]
+    reply = worker.run({"kind": "projector", "path": str(projectors[kind]), "base_model": str(base)})
     assert reply == {"ok": True}
 
 
@@ -287,5 +292,6 @@ def test_projector_that_does_not_fit_is_refused(projectors: dict[str, Path], wor
     src = projectors[kind]
     path = tmp_path / f"{kind}-mutated.gguf"
     path.write_bytes(edit(src.read_bytes(), read_gguf(src)))
-    reply = worker.run({"kind": "projector", "path": str(path), "base_model": str(projectors["base"])})
+    base = projectors["base-idefics3" if kind == "idefics3" else "base"]
+    reply = worker.run({"kind": "projector", "path": str(path), "base_model": str(base)})
     _refused(reply, path, *words)

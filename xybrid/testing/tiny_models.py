@@ -165,6 +165,20 @@ def _read_tokenizer_cached(path: str, size: int, mtime_ns: int) -> _Tokenizer:
     return _Tokenizer(fields, n_vocab)
 
 
+def _with_tokens(tok: _Tokenizer, extra: Sequence[str]) -> _Tokenizer:
+    """``tok`` with ``extra`` appended as user-defined tokens (type 4,
+    score 0), the per-token arrays lengthened to match."""
+    if not extra:
+        return tok
+    added = [t.encode("utf-8") for t in extra]
+    grow: dict[str, tuple[Any, ...]] = {"tokenizer.ggml.tokens": tuple(added),
+                                        "tokenizer.ggml.scores": (0.0,) * len(added),
+                                        "tokenizer.ggml.token_type": (4,) * len(added)}
+    fields = [(key, tuple(value) + grow[key] if key in grow else value, vtype, sub)
+              for key, value, vtype, sub in tok.fields]
+    return _Tokenizer(fields, tok.n_vocab + len(added))
+
+
 def _add_tokenizer(writer: Any, tok: _Tokenizer) -> None:
     for key, value, vtype, sub in tok.fields:
         if sub is None:
@@ -279,6 +293,7 @@ def write_tiny_llama(
     seed: int = 0,
     dtype: str = "f16",
     tie_embeddings: bool = False,
+    extra_tokens: Sequence[str] = (),
     llama_cpp_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a tiny random-weight ``llama``-architecture GGUF model to ``path``.
@@ -289,7 +304,9 @@ def write_tiny_llama(
     llama.cpp's per-call overhead, which is what the binding's overhead
     benchmarks want. ``dtype`` ("f16" or "f32") is the type of the weight
     matrices; norms are always F32. ``tie_embeddings`` omits ``output.weight``
-    so llama.cpp reuses the token embedding as the LM head.
+    so llama.cpp reuses the token embedding as the LM head. ``extra_tokens``
+    are appended to the vocabulary as user-defined tokens (the markers some
+    projectors frame images with, e.g. ``<fake_token_around_image>``).
 
     Deterministic: the same arguments give the same bytes. Returns the path.
     """
@@ -298,7 +315,7 @@ def write_tiny_llama(
         raise ValueError("n_embd must be a multiple of n_head")
     if n_head % n_head_kv:
         raise ValueError("n_head must be a multiple of n_head_kv")
-    tok = _read_tokenizer(vocab_path(vocab, llama_cpp_dir))
+    tok = _with_tokens(_read_tokenizer(vocab_path(vocab, llama_cpp_dir)), extra_tokens)
     head_dim = n_embd // n_head
     n_embd_kv = head_dim * n_head_kv
 
