@@ -25,11 +25,25 @@ What is checked:
   sizes, RoPE and norm values) have integer or float types as expected and
   sane ranges; the ``tokenizer.ggml.*`` arrays have the types llama.cpp
   reads and one entry per token, no token text appears twice (llama.cpp
-  asserts that); the special token ids are in the
-  vocabulary; and for ``llama``, ``gemma3``, ``mamba`` and ``lfm2`` (the
-  architectures the project runs and :mod:`xybrid.testing` writes) the
-  tensors llama.cpp requires are present with the shapes the
-  hyper-parameters give and usable types;
+  asserts that); the special token ids are in the vocabulary;
+* a text model's tensors, for the architectures in
+  :data:`SHAPE_CHECKED_ARCHITECTURES`: by rule for the transformers whose
+  tensors use llama.cpp's shared names (``token_embd``, ``output``,
+  ``blk.N.attn_q/k/v/qkv/output``, the norms, ``ffn_gate/up/down``, the
+  experts' ``ffn_*_exps`` and ``ffn_gate_inp``, shared experts): each
+  tensor that plays such a role has the shape its role gives from
+  ``embedding_length``, ``head_count(_kv)`` (scalar or per layer),
+  ``key_length``/``value_length``, ``feed_forward_length``,
+  ``expert_count`` and the vocabulary, and a usable type; every layer has
+  the projections, norms and feed-forward its graph uses; and the head
+  sizes satisfy the graph's assertions. ``llama``, ``mistral3``,
+  ``granite``, ``granitemoe``, ``smollm3``, ``internlm2``, ``exaone``,
+  ``xverse``, ``orion``, ``ernie4_5``, ``qwen2``, ``qwen2moe``, ``qwen3``,
+  ``qwen3moe``, ``olmo``, ``olmo2``, ``olmoe``, ``seed_oss``,
+  ``starcoder2``, ``arcee``, ``phi3``, ``stablelm``, ``command-r``,
+  ``gemma``, ``gemma2`` and ``gemma3`` are checked this way; ``mamba`` and
+  ``lfm2`` by their own rules. Any other architecture gets every check
+  above but the tensor shapes (a file it cannot judge is never refused);
 * a projector (``general.architecture = "clip"``): every key clip.cpp reads
   has exactly the type it reads it as (clip.cpp asserts otherwise), the
   encoder sizes are sane, the encoder blocks' tensors fit the encoder width,
@@ -611,6 +625,16 @@ class _HParams:
     n_head_kv: list[int]
     head_k: int
     head_v: int
+    #: head sizes of sliding-window layers (the full ones unless the file says)
+    head_k_swa: int = 0
+    head_v_swa: int = 0
+    #: rope.dimension_count, or the key head size
+    n_rot: int = 0
+    n_expert: int = 0
+    n_expert_used: int = 0
+    #: expert_feed_forward_length per layer, expert_shared_feed_forward_length
+    n_ff_exp: list[int] | None = None
+    n_ff_shexp: int | None = None
 
 
 def _check_hparams(c: _Checker, arch: str, n_vocab: int) -> _HParams:
@@ -654,7 +678,14 @@ def _check_hparams(c: _Checker, arch: str, n_vocab: int) -> _HParams:
     assert n_expert is not None and n_used is not None
     if n_used > n_expert:
         raise c.fail(f"{p}expert_used_count {n_used} exceeds {p}expert_count {n_expert}")
-    return _HParams(arch, n_vocab, n_embd, n_layer, n_ff, n_head, n_head_kv, head_k, head_v)
+    head_k_swa = c.integer(p + "attention.key_length_swa", 1, 1 << 16, default=head_k)
+    head_v_swa = c.integer(p + "attention.value_length_swa", 1, 1 << 16, default=head_v)
+    n_ff_exp = c.per_layer(p + "expert_feed_forward_length", n_layer, 0, 1 << 24)
+    n_ff_shexp = c.integer(p + "expert_shared_feed_forward_length", 0, 1 << 24)
+    assert head_k_swa is not None and head_v_swa is not None
+    return _HParams(arch, n_vocab, n_embd, n_layer, n_ff, n_head, n_head_kv, head_k, head_v,
+                    head_k_swa, head_v_swa, head_k if rope_dims is None else rope_dims,
+                    n_expert, n_used, n_ff_exp, n_ff_shexp)
 
 
 def _check_attention(c: _Checker, h: _HParams, b: str, i: int, *, qk_norm: bool) -> None:
@@ -686,21 +717,230 @@ def _check_embeddings(c: _Checker, h: _HParams, final_norm: str) -> None:
     c.tensor("output.weight", (h.n_embd, h.n_vocab), _MATRIX_TYPES, required=False)
 
 
-def _check_transformer(c: _Checker, h: _HParams, *, gemma: bool) -> None:
-    F32 = (_F32,)
-    _check_embeddings(c, h, "output_norm.weight")
+# --- shape rules by tensor role ------------------------------------------------
+#
+# Most architectures llama.cpp loads take their tensor names from one table
+# (llama-arch.cpp): ``token_embd``, ``output``, ``blk.N.attn_q``, ``blk.N.ffn_up``
+# and so on. What a name stands for (its role) fixes the tensor's shape in
+# terms of the hyper-parameters whatever the architecture: a query projection
+# takes the n_embd-wide hidden state to head_count heads of key_length values,
+# a down projection takes feed_forward_length values back to n_embd. The rules
+# here state those shapes the way the compute graph uses them. llama.cpp's
+# loader compares each tensor with a shape of its own, for some architectures
+# written in other terms (n_embd where the graph reshapes by head_count *
+# key_length), so a file whose hyper-parameters disagree with each other can
+# pass the loader and abort while the graph is built. A file that fits both
+# is one that runs.
+#
+# The rules apply to the architectures in _ROLE_ARCHS, each of which was read
+# in llama.cpp/src/models/<arch>.cpp: every tensor it creates under a role
+# name has the role's shape, and _Arch records what it adds (which norms are
+# required, whether the feed-forward has a gate, the graph's assertions on
+# head sizes). A tensor whose name is no role is left to llama.cpp, which
+# checks it; an architecture not listed gets the container and metadata
+# checks only.
+
+
+@dataclass(frozen=True)
+class _Arch:
+    #: norms every layer must have
+    norms: tuple[str, ...] = ("attn_norm", "ffn_norm")
+    #: the dense feed-forward: "gated" (ffn_gate, ffn_up, ffn_down), "plain"
+    #: (ffn_up, ffn_down), or "fused" (ffn_up holds gate and up: 2 * n_ff)
+    ffn: str = "gated"
+    #: attn_q_norm / attn_k_norm required in every layer
+    qk_norm: bool = False
+    #: which layers are mixtures of experts: "never", "always", or "count"
+    #: (all of them when expert_count > 0)
+    experts: str = "never"
+    #: the graph asserts value_length == key_length, and with rope_whole
+    #: also rope.dimension_count == the head size (GGML_ASSERT: an abort)
+    same_head: bool = True
+    rope_whole: bool = True
+    #: output_norm.weight required
+    output_norm: bool = True
+
+
+_GEMMA2_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+_ROLE_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch(experts="count"),
+    "mistral3": _Arch(experts="count"),
+    "granite": _Arch(experts="count"),
+    "granitemoe": _Arch(experts="count", same_head=False, rope_whole=False),
+    "smollm3": _Arch(),
+    "internlm2": _Arch(),
+    "exaone": _Arch(),
+    "xverse": _Arch(),
+    "orion": _Arch(),
+    "ernie4_5": _Arch(),
+    "qwen2": _Arch(),
+    "qwen2moe": _Arch(experts="always"),
+    "qwen3": _Arch(qk_norm=True),
+    "qwen3moe": _Arch(qk_norm=True, experts="always"),
+    "olmo": _Arch(norms=(), output_norm=False),
+    "olmo2": _Arch(norms=("post_attention_norm", "post_ffw_norm"), qk_norm=True),
+    "olmoe": _Arch(qk_norm=True, experts="always"),
+    "seed_oss": _Arch(norms=("attn_norm", "post_attention_norm")),
+    "starcoder2": _Arch(ffn="plain"),
+    "arcee": _Arch(ffn="plain"),
+    "phi3": _Arch(ffn="fused", rope_whole=False),
+    "stablelm": _Arch(norms=("attn_norm",), rope_whole=False),
+    "command-r": _Arch(norms=("attn_norm",), rope_whole=False),
+    "gemma": _Arch(same_head=False, rope_whole=False),
+    "gemma2": _Arch(norms=_GEMMA2_NORMS, same_head=False, rope_whole=False),
+    "gemma3": _Arch(norms=_GEMMA2_NORMS, qk_norm=True, same_head=False, rope_whole=False),
+}
+
+#: the architectures whose tensor shapes are checked, for the docs and tests
+SHAPE_CHECKED_ARCHITECTURES = tuple(sorted([*_ROLE_ARCHS, "mamba", "lfm2"]))
+
+# role kinds: a weight matrix (its bias has the matrix's output length), a
+# norm (weight and bias of n_embd), a vector of F32 factors
+_MATRIX, _NORM, _FACTORS = "matrix", "norm", "factors"
+_Shapes = dict[str, tuple[str, set[tuple[int, ...]]]]
+
+
+def _global_roles(h: _HParams) -> _Shapes:
+    e, v = h.n_embd, h.n_vocab
+    half_rot = (h.n_rot // 2,)
+    return {
+        "token_embd": (_MATRIX, {(e, v)}),
+        "output": (_MATRIX, {(e, v)}),
+        "output_norm": (_NORM, {(e,)}),
+        "token_embd_norm": (_NORM, {(e,)}),
+        "rope_freqs": (_FACTORS, {half_rot}),
+        "rope_factors_long": (_FACTORS, {half_rot}),
+        "rope_factors_short": (_FACTORS, {half_rot}),
+    }
+
+
+def _layer_roles(c: _Checker, h: _HParams, a: _Arch, i: int) -> _Shapes:
+    """Shapes by role for layer ``i``; a set holds every shape the graph can
+    use (a sliding-window layer may have its own head sizes, a q/k norm may
+    act on one head or on all of them)."""
+    e, nh, nkv = h.n_embd, h.n_head[i], h.n_head_kv[i]
+    roles: _Shapes = {}
+
+    def add(role: str, kind: str, *shapes: tuple[int, ...]) -> None:
+        roles.setdefault(role, (kind, set()))[1].update(_squeeze(s) for s in shapes)
+
+    for norm in ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"):
+        add(norm, _NORM, (e,))
+    for hk, hv in {(h.head_k, h.head_v), (h.head_k_swa, h.head_v_swa)}:
+        q, k, v, o = nh * hk, nkv * hk, nkv * hv, nh * hv
+        add("attn_q", _MATRIX, (e, q))
+        add("attn_k", _MATRIX, (e, k))
+        add("attn_v", _MATRIX, (e, v))
+        add("attn_qkv", _MATRIX, (e, q + k + v))
+        add("attn_output", _MATRIX, (o, e))
+        add("attn_q_norm", _NORM, (hk,), (q,), (hk, nh))
+        add("attn_k_norm", _NORM, (hk,), (k,), (hk, nkv))
+    f = h.n_ff[i]
+    add("ffn_gate", _MATRIX, (e, f))
+    add("ffn_up", _MATRIX, (e, 2 * f) if a.ffn == "fused" else (e, f))
+    add("ffn_down", _MATRIX, (f, e))
+    # Experts: the graph takes their width from the tensors, so the three
+    # must agree with each other (llama.cpp's loader reads it from
+    # expert_feed_forward_length or feed_forward_length, by architecture).
+    b, t = f"blk.{i}.", c.f.tensors
+    n_x = h.n_expert
+    add("ffn_gate_inp", _MATRIX, (e, n_x))
+    add("exp_probs_b", _NORM, (n_x,))  # a bias only
+    width = _width(t.get(b + "ffn_up_exps.weight"), 1) or _width(t.get(b + "ffn_down_exps.weight"), 0) \
+        or _width(t.get(b + "ffn_gate_exps.weight"), 1)
+    if width:
+        add("ffn_gate_exps", _MATRIX, (e, width, n_x))
+        add("ffn_up_exps", _MATRIX, (e, width, n_x))
+        add("ffn_down_exps", _MATRIX, (width, e, n_x))
+    shared = _width(t.get(b + "ffn_up_shexp.weight"), 1) or _width(t.get(b + "ffn_down_shexp.weight"), 0)
+    if shared:
+        add("ffn_gate_shexp", _MATRIX, (e, shared))
+        add("ffn_up_shexp", _MATRIX, (e, shared))
+        add("ffn_down_shexp", _MATRIX, (shared, e))
+    add("ffn_gate_inp_shexp", _MATRIX, (e,))
+    return roles
+
+
+def _width(t: TensorInfo | None, axis: int) -> int:
+    return t.dims[axis] if t is not None and len(t.dims) > axis else 0
+
+
+def _fits(c: _Checker, t: TensorInfo, kind: str, suffix: str, shapes: set[tuple[int, ...]]) -> None:
+    """Check a tensor that plays a role: its type, and its shape against the
+    role's shapes (a bias: the output length of the role's matrix)."""
+    if suffix == "bias":
+        types: frozenset[int] = _FLOAT_TENSOR_TYPES
+        shapes = {s[:1] if kind == _NORM else (s[1] if len(s) > 1 else 1,) for s in shapes}
+    elif kind == _MATRIX:
+        types = _MATRIX_TYPES
+    else:
+        types = frozenset({_F32})
+    c.tensor(t.name, None, types)
+    got = _squeeze(t.dims)
+    if got not in {_squeeze(s) for s in shapes}:
+        want = " or ".join(str(list(s)) for s in sorted(shapes))
+        raise c.fail(f"tensor {t.name!r} has shape {list(t.dims)}, expected {want} "
+                     "for the model's hyper-parameters")
+
+
+def _check_roles(c: _Checker, h: _HParams, a: _Arch) -> None:
+    p, t = f"{h.arch}.", c.f.tensors
     for i in range(h.n_layer):
         if not h.n_head[i] or not h.n_head_kv[i]:
             raise c.fail(f"layer {i} has no attention heads (head_count / head_count_kv is 0)")
-        b = f"blk.{i}."
-        c.tensor(b + "attn_norm.weight", (h.n_embd,), F32)
-        _check_attention(c, h, b, i, qk_norm=gemma)
-        c.tensor(b + "ffn_norm.weight", (h.n_embd,), F32)
-        if gemma:
-            c.tensor(b + "post_attention_norm.weight", (h.n_embd,), F32)
-            c.tensor(b + "post_ffw_norm.weight", (h.n_embd,), F32)
-        _check_ffn(c, h, b, i)
+    # the graph's assertions on head sizes
+    if a.same_head and h.head_k != h.head_v:
+        raise c.fail(f"{p}attention.key_length {h.head_k} and {p}attention.value_length {h.head_v} differ; "
+                     f"llama.cpp's {h.arch} graph needs one head size")
+    if a.rope_whole and h.n_rot != h.head_k:
+        raise c.fail(f"metadata {p + 'rope.dimension_count'!r} is {h.n_rot}, not the head size {h.head_k}; "
+                     f"llama.cpp's {h.arch} graph rotates whole heads")
+    moe = a.experts == "always" or (a.experts == "count" and h.n_expert > 0)
+    if moe and not (h.n_expert and h.n_expert_used):
+        raise c.fail(f"{p}expert_count {h.n_expert} / {p}expert_used_count {h.n_expert_used}: "
+                     f"a {h.arch} model routes every layer to its experts and needs both above 0")
 
+    # presence: what every layer needs for the graph to be built at all
+    c.tensor("token_embd.weight", None, _MATRIX_TYPES)
+    if a.output_norm:
+        c.tensor("output_norm.weight", None, (_F32,))
+    for i in range(h.n_layer):
+        b = f"blk.{i}."
+        need = [*a.norms, "attn_output"]
+        if b + "attn_qkv.weight" not in t:
+            need += ["attn_q", "attn_k", "attn_v"]
+        if a.qk_norm:
+            need += ["attn_q_norm", "attn_k_norm"]
+        if moe:
+            need += ["ffn_gate_inp", "ffn_up_exps", "ffn_down_exps"]
+        else:
+            if not h.n_ff[i]:
+                raise c.fail(f"layer {i} has a feed-forward length of 0")
+            need += ["ffn_up", "ffn_down"] + (["ffn_gate"] if a.ffn == "gated" else [])
+        for role in need:
+            if b + role + ".weight" not in t:
+                raise c.fail(f"tensor {b + role + '.weight'!r} is missing")
+
+    # shapes and types of every tensor that plays a role
+    global_roles = _global_roles(h)
+    layer_roles: dict[int, _Shapes] = {}
+    for name, info in t.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+            i = int(parts[1])
+            if i >= h.n_layer:
+                continue  # llama.cpp refuses a tensor it does not expect
+            if i not in layer_roles:
+                layer_roles[i] = _layer_roles(c, h, a, i)
+            rule = layer_roles[i].get(parts[2])
+            suffix = parts[3]
+        elif len(parts) == 2:
+            rule = global_roles.get(parts[0])
+            suffix = parts[1]
+        else:
+            continue
+        if rule is not None and suffix in ("weight", "bias"):
+            _fits(c, info, rule[0], suffix, rule[1])
 
 def _check_mamba(c: _Checker, h: _HParams) -> None:
     F32, M = (_F32,), _MATRIX_TYPES
@@ -744,8 +984,6 @@ def _check_lfm2(c: _Checker, h: _HParams) -> None:
 
 
 _ARCH_TENSORS: dict[str, Callable[[_Checker, _HParams], None]] = {
-    "llama": lambda c, h: _check_transformer(c, h, gemma=False),
-    "gemma3": lambda c, h: _check_transformer(c, h, gemma=True),
     "mamba": _check_mamba,
     "lfm2": _check_lfm2,
 }
@@ -775,11 +1013,16 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False) 
         return f
     h = _check_hparams(c, arch, n_vocab)
     n_split = c.integer("split.count", 0, 1 << 16, default=0)
-    check = _ARCH_TENSORS.get(arch)
     # The first file of a split model (gguf-split) holds only some of the
     # tensors; llama.cpp finds the rest in the other files, not checked here.
-    if check is not None and not (n_split and n_split > 1):
+    if n_split and n_split > 1:
+        return f
+    check = _ARCH_TENSORS.get(arch)
+    rules = _ROLE_ARCHS.get(arch)
+    if check is not None:
         check(c, h)
+    elif rules is not None:
+        _check_roles(c, h, rules)
     return f
 
 
@@ -891,13 +1134,15 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
             # each bias has the length of its matrix's output
             c.tensor(b + "ffn_up.bias", (up.dims[1] if len(up.dims) > 1 else 1,), FL, required=False)
             c.tensor(b + "ffn_down.bias", (down.dims[1] if len(down.dims) > 1 else 1,), FL, required=False)
-    if proj_type == "mlp" and m == "vision":
+    if proj_type in _VIT_PROJECTORS and m == "vision":
+        # a ViT stem: square images cut into patches, one position each
         image_size = c.integer(k + "image_size", 1, 1 << 14, required=True)
         patch_size = c.integer(k + "patch_size", 1, 1 << 10, required=True)
         assert image_size and patch_size
         if image_size % patch_size:
             raise c.fail(f"{k}image_size {image_size} is not a multiple of {k}patch_size {patch_size}")
-        n_patches = (image_size // patch_size) ** 2
+        side = image_size // patch_size
+        n_patches = side * side
         c.tensor("v.patch_embd.weight", (patch_size, patch_size, 3, n_embd), FL)
         c.tensor("v.patch_embd.bias", (n_embd,), FL, required=False)
         pos = c.tensor("v.position_embd.weight", None, FL)
@@ -905,18 +1150,10 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
         if _squeeze(pos.dims)[:1] != (n_embd,) or pos.dims[1:2] not in ((n_patches,), (n_patches + 1,)):
             raise c.fail(f"tensor 'v.position_embd.weight' has shape {list(pos.dims)}, expected "
                          f"[{n_embd}, {n_patches}] for {n_patches} patches")
-        c.tensor("v.pre_ln.weight", (n_embd,), FL, required=False)
-        c.tensor("v.pre_ln.bias", (n_embd,), FL, required=False)
-        mm0 = c.tensor("mm.0.weight", None, M)
-        mm2 = c.tensor("mm.2.weight", None, M)
-        assert mm0 is not None and mm2 is not None
-        hidden = mm0.dims[1] if len(mm0.dims) > 1 else 1
-        out = mm2.dims[1] if len(mm2.dims) > 1 else 1
-        c.tensor("mm.0.weight", (n_embd, hidden), M)
-        c.tensor("mm.0.bias", (hidden,), FL, required=False)
-        c.tensor("mm.2.weight", (hidden, out), M)
-        c.tensor("mm.2.bias", (out,), FL, required=False)
-        return out
+        for name in ("pre_ln", "post_ln"):
+            c.tensor(f"v.{name}.weight", (n_embd,), FL, required=False)
+            c.tensor(f"v.{name}.bias", (n_embd,), FL, required=False)
+        return _VIT_PROJECTORS[proj_type](c, k, n_embd, side)
     elif proj_type == "qwen2a" and m == "audio":
         n_mel = c.integer(k + "num_mel_bins", 1, 256, required=True)
         assert n_mel
@@ -938,6 +1175,59 @@ def _check_tower(c: _Checker, m: str, prefix: str, proj_type: str | None) -> int
         c.tensor("mm.a.fc.bias", (out,), FL, required=False)
         return out
     return None
+
+
+def _mlp_head(c: _Checker, k: str, n_embd: int, side: int) -> int:
+    """LLaVA's ``mm.0 -> GELU -> mm.2``; returns its output width."""
+    M, FL = _MATRIX_TYPES, _FLOAT_TENSOR_TYPES
+    mm0 = c.tensor("mm.0.weight", None, M)
+    mm2 = c.tensor("mm.2.weight", None, M)
+    assert mm0 is not None and mm2 is not None
+    hidden = mm0.dims[1] if len(mm0.dims) > 1 else 1
+    out = mm2.dims[1] if len(mm2.dims) > 1 else 1
+    c.tensor("mm.0.weight", (n_embd, hidden), M)
+    c.tensor("mm.0.bias", (hidden,), FL, required=False)
+    c.tensor("mm.2.weight", (hidden, out), M)
+    c.tensor("mm.2.bias", (out,), FL, required=False)
+    return out
+
+
+def _gemma3_head(c: _Checker, k: str, n_embd: int, side: int) -> int:
+    """Gemma 3: the patch grid average-pooled by ``projector.scale_factor``
+    (default 4) per side, an RMS norm, then ``mm.input_projection``, whose
+    first dimension is the output width (the graph multiplies by its
+    transpose)."""
+    c.integer(k + "projector.scale_factor", 1, side, default=4)
+    if k + "projector.scale_factor" not in c.f.kv and side < 4:
+        raise c.fail(f"a {side}x{side} patch grid is smaller than the default pooling of 4 patches a side")
+    c.tensor("mm.soft_emb_norm.weight", (n_embd,), _FLOAT_TENSOR_TYPES)
+    proj = c.tensor("mm.input_projection.weight", None, _MATRIX_TYPES)
+    assert proj is not None
+    out = proj.dims[0]
+    c.tensor("mm.input_projection.weight", (out, n_embd), _MATRIX_TYPES)
+    return out
+
+
+def _idefics3_head(c: _Checker, k: str, n_embd: int, side: int) -> int:
+    """Idefics3 / SmolVLM: a pixel shuffle that folds ``scale_factor`` x
+    ``scale_factor`` patches into one (clip asserts a factor above 1, and the
+    default is 1), then ``mm.model.fc``."""
+    scale = c.integer(k + "projector.scale_factor", 2, 64, required=True)
+    assert scale
+    fc = c.tensor("mm.model.fc.weight", None, _MATRIX_TYPES)
+    assert fc is not None
+    out = fc.dims[1] if len(fc.dims) > 1 else 1
+    c.tensor("mm.model.fc.weight", (n_embd * scale * scale, out), _MATRIX_TYPES)
+    return out
+
+
+# vision projectors whose ViT stem and projection are checked in full:
+# projector type -> the projection head's check, returning its output width
+_VIT_PROJECTORS: dict[str, Callable[[_Checker, str, int, int], int]] = {
+    "mlp": _mlp_head,
+    "gemma3": _gemma3_head,
+    "idefics3": _idefics3_head,
+}
 
 
 def check_projector_file(path: str | os.PathLike[str], *, text_n_embd: int | None = None) -> GGUFFile:

@@ -38,6 +38,7 @@ from xybrid.errors import (
     ModelLoadError,
     ModelNotFoundError,
     OverloadedError,
+    UnsupportedInputError,
     XybridError,
 )
 

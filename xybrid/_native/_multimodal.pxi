@@ -173,12 +173,39 @@ cdef class Multimodal:
                 reason = take_log_tail()
                 raise InvalidInputError("mtmd could not preprocess the media"
                                         + (f": {reason}" if reason else f" (code {rc})"))
+            _check_chunk_tokens(chunks, self.model.vocab, self.path)
             return chunks
         finally:
             for i in range(n):
                 if bitmaps[i] != NULL:
                     mtmd_bitmap_free(bitmaps[i])
             free(bitmaps)
+
+
+cdef int _check_chunk_tokens(Chunks chunks, const llama_vocab * vocab, str path) except -1:
+    """Refuse text chunks holding a token the vocabulary does not have.
+
+    For many projector types mtmd frames an image with marker tokens
+    (``<fake_token_around_image>``, ``<slice>``, ``[IMG_END]``, ...) that
+    it looks up by text in the model's vocabulary, and writes -1 where one is
+    missing: a projector paired with a model of another family. Decoding such
+    a chunk aborts inside llama.cpp (``GGML_ASSERT(idx >= 0)`` in mtmd's
+    helper), so it is an error here, before anything is decoded."""
+    cdef int32_t n_vocab = llama_vocab_n_tokens(vocab)
+    cdef size_t i, j, n = 0
+    cdef const mtmd_input_chunk * c
+    cdef const llama_token * toks
+    for i in range(mtmd_input_chunks_size(chunks.ptr)):
+        c = mtmd_input_chunks_get(chunks.ptr, i)
+        if mtmd_input_chunk_get_type(c) != MTMD_INPUT_CHUNK_TYPE_TEXT:
+            continue
+        toks = mtmd_input_chunk_get_tokens_text(c, &n)
+        for j in range(n):
+            if toks[j] < 0 or toks[j] >= n_vocab:
+                raise UnsupportedInputError(
+                    f"the projector {path} frames media with a token the text model's vocabulary does "
+                    f"not have (token id {toks[j]} in chunk {i}); it was made for another model")
+    return 0
 
 
 cdef class Chunks:

@@ -35,6 +35,8 @@ import numpy as np
 __all__ = [
     "vocab_path",
     "write_tiny_llama",
+    "write_tiny_transformer",
+    "TINY_TRANSFORMER_ARCHITECTURES",
     "write_tiny_mamba",
     "write_tiny_lfm2",
     "write_tiny_recurrent",
@@ -163,6 +165,20 @@ def _read_tokenizer_cached(path: str, size: int, mtime_ns: int) -> _Tokenizer:
     return _Tokenizer(fields, n_vocab)
 
 
+def _with_tokens(tok: _Tokenizer, extra: Sequence[str]) -> _Tokenizer:
+    """``tok`` with ``extra`` appended as user-defined tokens (type 4,
+    score 0), the per-token arrays lengthened to match."""
+    if not extra:
+        return tok
+    added = [t.encode("utf-8") for t in extra]
+    grow: dict[str, tuple[Any, ...]] = {"tokenizer.ggml.tokens": tuple(added),
+                                        "tokenizer.ggml.scores": (0.0,) * len(added),
+                                        "tokenizer.ggml.token_type": (4,) * len(added)}
+    fields = [(key, tuple(value) + grow[key] if key in grow else value, vtype, sub)
+              for key, value, vtype, sub in tok.fields]
+    return _Tokenizer(fields, tok.n_vocab + len(added))
+
+
 def _add_tokenizer(writer: Any, tok: _Tokenizer) -> None:
     for key, value, vtype, sub in tok.fields:
         if sub is None:
@@ -277,6 +293,7 @@ def write_tiny_llama(
     seed: int = 0,
     dtype: str = "f16",
     tie_embeddings: bool = False,
+    extra_tokens: Sequence[str] = (),
     llama_cpp_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a tiny random-weight ``llama``-architecture GGUF model to ``path``.
@@ -287,7 +304,9 @@ def write_tiny_llama(
     llama.cpp's per-call overhead, which is what the binding's overhead
     benchmarks want. ``dtype`` ("f16" or "f32") is the type of the weight
     matrices; norms are always F32. ``tie_embeddings`` omits ``output.weight``
-    so llama.cpp reuses the token embedding as the LM head.
+    so llama.cpp reuses the token embedding as the LM head. ``extra_tokens``
+    are appended to the vocabulary as user-defined tokens (the markers some
+    projectors frame images with, e.g. ``<fake_token_around_image>``).
 
     Deterministic: the same arguments give the same bytes. Returns the path.
     """
@@ -296,7 +315,7 @@ def write_tiny_llama(
         raise ValueError("n_embd must be a multiple of n_head")
     if n_head % n_head_kv:
         raise ValueError("n_head must be a multiple of n_head_kv")
-    tok = _read_tokenizer(vocab_path(vocab, llama_cpp_dir))
+    tok = _with_tokens(_read_tokenizer(vocab_path(vocab, llama_cpp_dir)), extra_tokens)
     head_dim = n_embd // n_head
     n_embd_kv = head_dim * n_head_kv
 
@@ -325,6 +344,138 @@ def write_tiny_llama(
         w.matrix(b + "ffn_up.weight", (n_embd, n_ff))
         w.matrix(b + "ffn_down.weight", (n_ff, n_embd))
     return _write(gguf, path, "llama", "xybrid-tiny-llama", tok, kv, w)
+
+
+# What each architecture of write_tiny_transformer adds to a plain
+# pre-norm transformer, as its loader in llama.cpp/src/models/ reads it:
+#   norms      the per-layer norms, "layer" norm = LayerNorm (weight + bias)
+#   qkv        "split" (attn_q/k/v), "split+bias", or "fused" (attn_qkv)
+#   qk_norm    None, "head" (one head_dim vector) or "all" (n_head * head_dim)
+#   ffn        "gated", "plain" (no gate) or "fused" (gate and up in ffn_up)
+#   biases     output projection and feed-forward biases (starcoder2)
+#   tied       no output.weight: the architecture always reuses token_embd
+#   moe        every layer a mixture of n_expert experts
+#   kv         further keys the loader requires
+_TRANSFORMERS: dict[str, dict[str, Any]] = {
+    "qwen2": dict(qkv="split+bias"),
+    "qwen3": dict(qk_norm="head"),
+    "qwen3moe": dict(qk_norm="head", moe=True),
+    # llama.cpp's vocabulary loader looks up phi3's own special tokens
+    "phi3": dict(qkv="fused", ffn="fused", vocab="phi-3"),
+    "starcoder2": dict(norm="layer", qkv="split+bias", ffn="plain", biases=True),
+    "gemma2": dict(norms=("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"), tied=True,
+                   kv=[("{arch}.attention.sliding_window", 32),
+                       ("{arch}.attn_logit_softcapping", 50.0), ("{arch}.final_logit_softcapping", 30.0)]),
+    "olmo2": dict(norms=("post_attention_norm", "post_ffw_norm"), qk_norm="all"),
+    "granite": dict(kv=[("{arch}.logit_scale", 8.0), ("{arch}.residual_scale", 0.25),
+                        ("{arch}.embedding_scale", 12.0), ("{arch}.attention.scale", 0.0625)]),
+    "smollm3": dict(),
+    "stablelm": dict(norm="layer", norms=("attn_norm", "ffn_norm")),
+}
+
+#: the architectures :func:`write_tiny_transformer` writes
+TINY_TRANSFORMER_ARCHITECTURES = tuple(sorted(_TRANSFORMERS))
+
+
+def write_tiny_transformer(
+    path: str | os.PathLike[str],
+    arch: str,
+    *,
+    vocab: str | None = None,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_expert: int = 4,
+    n_expert_used: int = 2,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    dtype: str = "f16",
+    llama_cpp_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a tiny random-weight model of another transformer architecture
+    llama.cpp runs (one of :data:`TINY_TRANSFORMER_ARCHITECTURES`): the
+    tensors and keys that architecture's loader reads, with the shapes its
+    graph uses, the weights random as in :func:`write_tiny_llama`. They are
+    for tests of code that depends on the architecture, such as the GGUF
+    checker (:mod:`xybrid.gguf_check`). ``vocab`` defaults to ``llama-spm``
+    (``phi-3`` for phi3). ``n_expert`` / ``n_expert_used`` apply
+    to the mixture-of-experts architectures only. Deterministic; returns the
+    path."""
+    gguf = _import_gguf()
+    if arch not in _TRANSFORMERS:
+        raise ValueError(f"arch must be one of {TINY_TRANSFORMER_ARCHITECTURES}, got {arch!r}")
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must be a multiple of n_head, n_head of n_head_kv")
+    prof = _TRANSFORMERS[arch]
+    layer_norm = prof.get("norm") == "layer"
+    norms = prof.get("norms", ("attn_norm", "ffn_norm"))
+    qkv, qk_norm, ffn = prof.get("qkv", "split"), prof.get("qk_norm"), prof.get("ffn", "gated")
+    moe = bool(prof.get("moe"))
+    tok = _read_tokenizer(vocab_path(vocab or prof.get("vocab", "llama-spm"), llama_cpp_dir))
+    head = n_embd // n_head
+    q, kv_width = n_embd, head * n_head_kv
+
+    kv: list[tuple[str, Any]] = [
+        ("{arch}.vocab_size", tok.n_vocab),
+        ("{arch}.context_length", n_ctx_train),
+        ("{arch}.embedding_length", n_embd),
+        ("{arch}.block_count", n_layer),
+        ("{arch}.attention.layer_norm_epsilon" if layer_norm else "{arch}.attention.layer_norm_rms_epsilon",
+         _RMS_EPS),
+        ("{arch}.feed_forward_length", n_ff),
+        ("{arch}.attention.head_count", n_head),
+        ("{arch}.attention.head_count_kv", n_head_kv),
+        ("{arch}.rope.dimension_count", head),
+        ("{arch}.rope.freq_base", 10000.0),
+    ] + list(prof.get("kv", []))
+    if moe:
+        kv += [("{arch}.expert_count", n_expert), ("{arch}.expert_used_count", n_expert_used),
+               ("{arch}.expert_feed_forward_length", n_ff)]
+
+    w = _Weights(seed, dtype)
+
+    def norm(name: str, n: int) -> None:
+        w.ones(name + ".weight", n)
+        if layer_norm:
+            w.f32(name + ".bias", np.zeros(n, dtype=np.float32))
+
+    w.matrix("token_embd.weight", (n_embd, tok.n_vocab))
+    norm("output_norm", n_embd)
+    if not prof.get("tied"):
+        w.matrix("output.weight", (n_embd, tok.n_vocab))
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        for name in norms:
+            norm(b + name, n_embd)
+        if qkv == "fused":
+            w.matrix(b + "attn_qkv.weight", (n_embd, q + 2 * kv_width))
+        else:
+            for name, width in (("attn_q", q), ("attn_k", kv_width), ("attn_v", kv_width)):
+                w.matrix(b + name + ".weight", (n_embd, width))
+                if qkv == "split+bias":
+                    w.f32_random(b + name + ".bias", (width,))
+        w.matrix(b + "attn_output.weight", (q, n_embd))
+        if prof.get("biases"):
+            w.f32_random(b + "attn_output.bias", (n_embd,))
+        if qk_norm:
+            w.ones(b + "attn_q_norm.weight", head if qk_norm == "head" else q)
+            w.ones(b + "attn_k_norm.weight", head if qk_norm == "head" else kv_width)
+        if moe:
+            w.matrix(b + "ffn_gate_inp.weight", (n_embd, n_expert))
+            w.matrix(b + "ffn_gate_exps.weight", (n_embd, n_ff, n_expert))
+            w.matrix(b + "ffn_up_exps.weight", (n_embd, n_ff, n_expert))
+            w.matrix(b + "ffn_down_exps.weight", (n_ff, n_embd, n_expert))
+            continue
+        if ffn == "gated":
+            w.matrix(b + "ffn_gate.weight", (n_embd, n_ff))
+        w.matrix(b + "ffn_up.weight", (n_embd, 2 * n_ff if ffn == "fused" else n_ff))
+        w.matrix(b + "ffn_down.weight", (n_ff, n_embd))
+        if prof.get("biases"):
+            w.f32_random(b + "ffn_up.bias", (n_ff,))
+            w.f32_random(b + "ffn_down.bias", (n_embd,))
+    return _write(gguf, path, arch, f"xybrid-tiny-{arch}", tok, kv, w)
 
 
 def write_tiny_mamba(
@@ -545,9 +696,12 @@ def _vision_part(
     image_size: int,
     patch_size: int,
     proj_hidden: int,
+    projector_type: str = "mlp",
 ) -> None:
     """A LLaVA-1.5-style vision tower: CLIP ViT + 2-layer GELU MLP projector
-    (clip.cpp projector type ``mlp``)."""
+    (clip.cpp projector type ``mlp``); or with ``projector_type`` "gemma3"
+    (SigLIP-style ViT, average pooling by 2 a side, RMS norm, projection) or
+    "idefics3" (pixel shuffle by 2 a side, one projection)."""
     _check_heads(n_embd, n_head, n_ff, "vision")
     if image_size % patch_size:
         raise ValueError("image_size must be a multiple of patch_size")
@@ -568,6 +722,20 @@ def _vision_part(
     # patch embedding: a conv2d, kernel = stride = patch_size, no bias (as CLIP)
     _fan_in(w, "v.patch_embd.weight", (patch_size, patch_size, 3, n_embd), 3 * patch_size * patch_size)
     w.f32_random("v.position_embd.weight", (n_embd, n_patches))
+    if projector_type != "mlp":
+        kv.append(("clip.vision.projector.scale_factor", 2, "u32"))
+        _add_encoder_layers(w, "v", n_layer, n_embd, n_ff, k_bias=True)
+        w.ones("v.post_ln.weight", n_embd)
+        w.f32("v.post_ln.bias", np.zeros(n_embd, dtype=np.float32))
+        if projector_type == "gemma3":
+            w.ones("mm.soft_emb_norm.weight", n_embd)
+            # the graph multiplies by the transpose: [text width, n_embd]
+            _fan_in(w, "mm.input_projection.weight", (text_model_n_embd, n_embd), n_embd)
+        elif projector_type == "idefics3":
+            _fan_in(w, "mm.model.fc.weight", (4 * n_embd, text_model_n_embd), 4 * n_embd)
+        else:
+            raise ValueError(f"projector_type must be mlp, gemma3 or idefics3, got {projector_type!r}")
+        return
     w.ones("v.pre_ln.weight", n_embd)
     w.f32("v.pre_ln.bias", np.zeros(n_embd, dtype=np.float32))
     _add_encoder_layers(w, "v", n_layer, n_embd, n_ff, k_bias=True)
@@ -670,6 +838,7 @@ def write_tiny_mmproj_vision(
     proj_hidden: int = 64,
     seed: int = 0,
     dtype: str = "f16",
+    projector_type: str = "mlp",
 ) -> Path:
     """Write a tiny random-weight *vision* projector (mmproj) GGUF to ``path``.
 
@@ -683,11 +852,13 @@ def write_tiny_mmproj_vision(
 
     ``text_model_n_embd`` must equal the text model's ``n_embd`` (64 for
     :func:`write_tiny_llama`'s defaults) or ``mtmd_init_from_file`` refuses
-    the pair. Deterministic for a given seed. Returns the path.
+    the pair. ``projector_type`` "gemma3" or "idefics3" writes those
+    projectors instead (4 image tokens by default). Deterministic for a given
+    seed. Returns the path.
     """
     gguf = _import_gguf()
     kv: list[tuple[str, Any, str]] = [
-        ("clip.projector_type", "mlp", "str"),
+        ("clip.projector_type", projector_type, "str"),
         ("clip.has_vision_encoder", True, "bool"),
         ("clip.has_audio_encoder", False, "bool"),
     ]
@@ -695,6 +866,7 @@ def write_tiny_mmproj_vision(
     _vision_part(
         w, kv, text_model_n_embd=text_model_n_embd, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         n_ff=n_ff, image_size=image_size, patch_size=patch_size, proj_hidden=proj_hidden,
+        projector_type=projector_type,
     )
     return _write_mmproj(gguf, path, "xybrid-tiny-mmproj-vision", kv, w)
 
