@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_dated
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CACHE = BENCH_DIR / ".cache"
@@ -397,13 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         m.close()
 
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stamp}.json").write_text(json.dumps(report, indent=1))
     md = render(report)
-    (RESULTS / f"{stamp}.md").write_text(md)
-    if not opts.quick:
-        shutil.copy(RESULTS / f"{stamp}.md", RESULTS / "latest.md")
-        shutil.copy(RESULTS / f"{stamp}.json", RESULTS / "latest.json")
+    write_dated(RESULTS, stamp, md, report, indent=1, latest=not opts.quick)
     chart(report, RESULTS / f"{stamp}.png", RESULTS / "latest.png" if not opts.quick else None)
     print(md)
     return 0

@@ -481,6 +481,17 @@ def chart(a: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def write_dated(out_dir: Path, stamp: str, text: str, data: Any, *, indent: int = 2,
+                latest: bool = True) -> None:
+    """A run's report as ``<stamp>.md`` and its figures as ``<stamp>.json`` in
+    ``out_dir``, and the same two as ``latest.md`` / ``latest.json`` when asked."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blob = json.dumps(data, indent=indent)
+    for name in [stamp] + (["latest"] if latest else []):
+        (out_dir / f"{name}.md").write_text(text)
+        (out_dir / f"{name}.json").write_text(blob)
+
+
 def write_all(a: dict[str, Any], records: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path,
               stamp: str, latest: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)

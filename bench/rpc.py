@@ -29,7 +29,6 @@ Results go to ``bench/results/rpc/`` (Markdown and JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.concurrent import _use_installed_xybrid
+from bench.report import write_dated
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "rpc"
@@ -155,13 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             for proc, _ in servers:
                 proc.kill()
                 proc.wait(10)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d_%H%M%S")
     text = render(report)
-    for target in (RESULTS / f"{stamp}.md", RESULTS / "latest.md"):
-        target.write_text(text)
-    for target in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
-        target.write_text(json.dumps(report, indent=2))
+    write_dated(RESULTS, time.strftime("%Y-%m-%d_%H%M%S"), text, report)
     print(text)
     return 0
 

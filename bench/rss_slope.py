@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.report import write_dated
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "rss-slope"
 
@@ -395,13 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[rss] {kind}: {res['slope_bytes_per_call']:+.0f} B/call, growth "
                   f"{res['growth_bytes'] / 2**20:+.2f} MiB over {opts.calls} calls ({res['seconds']:.0f} s)",
                   flush=True)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d_%H%M%S")
     text = render(report)
-    for target in (opts.out / f"{stamp}.md", opts.out / "latest.md"):
-        target.write_text(text)
-    for target in (opts.out / f"{stamp}.json", opts.out / "latest.json"):
-        target.write_text(json.dumps(report, indent=2))
+    write_dated(opts.out, time.strftime("%Y-%m-%d_%H%M%S"), text, report)
     print(text)
     return 0
 
