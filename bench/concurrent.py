@@ -168,7 +168,8 @@ def xybrid_batched(model: Path, prompts: list[list[int]], n_predict: int, thread
     from xybrid._native import _engine
 
     m = _engine.Model(str(model))
-    ctx = _engine.Context(m, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_seq_max=len(prompts))
+    ctx = _engine.Context(m, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_seq_max=len(prompts),
+                          swa_full=False)  # as the backend makes batched contexts
     sched = _engine.Scheduler(ctx, max_queued=len(prompts))
     sched.submit(prompts[0][:4], _engine.Sampler(m), max_tokens=2, streaming=False).wait()  # warm
     sched.clear_idle_caches()

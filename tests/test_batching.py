@@ -617,3 +617,43 @@ def test_cancelled_asyncio_tasks_free_their_slots(batched: LlamaCppBackend) -> N
         time.sleep(0.01)
     assert batched.stats()["running"] == 0 and batched.stats()["queued"] == 0
     assert batched.generate_raw(PROMPTS[0], GREEDY).tokens_generated == GREEDY.max_tokens
+
+
+def test_sliding_window_models_reuse_a_prefix_only_where_its_window_is_held(
+        tmp_path: Path, llama_cpp_dir: Path) -> None:
+    """Batched contexts keep only the window of sliding-window layers (as
+    llama.cpp's tools do; gemma2 here, window 32). A slot's cache is reused
+    only where the window before the cut is still held; either way every
+    reply is the one the single-sequence path (every position kept) gives.
+    llama.cpp drops old positions only when it needs their cells: n_ubatch=32
+    makes that cache 256 cells, which the 340-token prompt overruns."""
+    from xybrid.testing.tiny_models import write_tiny_transformer
+
+    path = write_tiny_transformer(tmp_path / "gemma2.gguf", "gemma2", dtype="f32",
+                                  llama_cpp_dir=llama_cpp_dir)
+    cfg = GenerationConfig(max_tokens=40, temperature=0)
+    shared = list(range(300, 340))
+    first, other = shared + [500] + list(range(600, 900)), shared + [501]
+    with LlamaCppBackend(config(path, n_ubatch=32)) as one:
+        def fresh(prompt: list[int]) -> tuple[int, ...]:
+            one.reset_cache()
+            return one.generate_raw(prompt, cfg).token_ids
+        reply = fresh(first)
+        # The next turn: everything the slot decoded (the prompt and the
+        # reply but its last token, which was sampled, not decoded) and more.
+        follow = first + list(reply) + [502, 503]
+        want = {tuple(p): fresh(p) for p in (other, follow)}
+    with LlamaCppBackend(config(path, parallel=2, n_ubatch=32)) as many:
+        assert many.generate_raw(first, cfg).token_ids == reply
+        # The shared tokens end 340 positions before the end of that slot's
+        # cache: their window is gone, so nothing is reused.
+        b = many.generate_raw(other, cfg)
+        assert b.token_ids == want[tuple(other)]
+        assert b.cached_prompt_tokens == 0
+        # A conversation's next turn extends everything its slot decoded:
+        # the window before the cut is held, and the cache is reused.
+        many.reset_cache()
+        assert many.generate_raw(first, cfg).token_ids == reply
+        c = many.generate_raw(follow, cfg)
+        assert c.token_ids == want[tuple(follow)]
+        assert c.cached_prompt_tokens >= len(first) + len(reply) - 1

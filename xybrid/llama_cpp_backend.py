@@ -248,6 +248,11 @@ class LlamaCppBackend(LlmBackend):
                 n_threads=config.n_threads,
                 flash_attn=config.flash_attn,
                 n_seq_max=config.parallel,
+                # Batched contexts keep only the window of sliding-window
+                # layers, as llama.cpp's own servers do (the scheduler checks
+                # a prefix is still usable); the single-sequence path cuts
+                # its cache anywhere, so it keeps every position.
+                swa_full=config.parallel == 1,
             )
             state_bytes = int(context.state_size)
             bos_text = model.token_text(model.bos_token) if model.bos_token >= 0 else ""

@@ -9,9 +9,18 @@ cdef class Context:
     """A llama.cpp inference context over a :class:`Model`.
 
     ``Context(model, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=0,
-    n_threads_batch=0, flash_attn=False, n_seq_max=1, embeddings=False)``.
+    n_threads_batch=0, flash_attn=False, n_seq_max=1, embeddings=False,
+    swa_full=True)``.
     Thread counts of 0 mean "all CPUs". One generation runs on a context at a
     time; the Python backend serialises callers with a lock.
+
+    ``swa_full`` keeps every position in the caches of sliding-window layers
+    (llama.cpp's default), so the cache may be cut at any position; the
+    prefix-cache plan of the single-sequence path relies on it. With False
+    those layers keep only their window and attend over it, as llama.cpp's
+    own tools do: much less work per token once the cache holds more than the
+    window (many sequences, long contexts), but a cut is only usable where the
+    window before it is still held; the :class:`Scheduler` checks that.
     """
 
     def __cinit__(self):
@@ -22,7 +31,8 @@ cdef class Context:
 
     def __init__(self, Model model not None, *, n_ctx=4096, n_batch=512, n_ubatch=512,
                  n_threads=0, n_threads_batch=0, bint flash_attn=False, n_seq_max=1,
-                 bint embeddings=False, pooling=None, bint kv_unified=True):
+                 bint embeddings=False, pooling=None, bint kv_unified=True,
+                 bint swa_full=True):
         model.check_open()
         check_positive("n_ctx", n_ctx)
         check_positive("n_batch", n_batch)
@@ -42,6 +52,7 @@ cdef class Context:
         params.n_threads_batch = n_threads_batch or n_threads or cpus
         params.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.embeddings = embeddings
+        params.swa_full = swa_full
         if n_seq_max > 1:
             # Sequences share one pool of n_ctx cells (each may grow to n_ctx
             # positions) instead of n_ctx / n_seq_max cells each.
@@ -74,6 +85,7 @@ cdef class Context:
             llama_attach_threadpool(self.ptr, self.threadpool, self.threadpool)
         self.n_batch_alloc = llama_n_batch(self.ptr)
         self.embeddings = embeddings
+        self.swa_full = params.swa_full
         self.batch = llama_batch_init(self.n_batch_alloc, 0, n_seq_max)
         if self.batch.token == NULL:
             self.close()

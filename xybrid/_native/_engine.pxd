@@ -211,6 +211,10 @@ cdef struct SchedState:
     int32_t n_slots
     Slot * slots
     bint recurrent          # no partial cuts or copies: every request starts empty
+    # Sliding window of the model when its SWA layers keep only the window
+    # (Context(swa_full=False)); 0 when every position is kept. A kept or
+    # shared prefix is only usable where the window before its end is held.
+    int32_t n_swa
     # the admission queue: a ring of waiting sequences, in arrival order
     GenState ** pending
     int32_t pending_cap
@@ -278,6 +282,7 @@ cdef class Context:
     cdef bint busy              # a generation or a scheduler owns the llama_context
     cdef readonly int n_batch_alloc
     cdef readonly bint embeddings
+    cdef readonly bint swa_full       # sliding-window layers keep every position
     # The running generation, for cancel(), as a weak reference: a strong one
     # would make Context <-> Generation a cycle, so an abandoned stream
     # iterator would never be deallocated (and cancelled) while the context

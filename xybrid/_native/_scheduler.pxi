@@ -17,7 +17,10 @@
 # its prompt; when another slot (busy or not) holds a longer prefix, those
 # cells are shared with llama_memory_seq_cp instead of being decoded again.
 # Models whose memory cannot be cut at a position (recurrent, hybrid) start
-# every request from an empty sequence.
+# every request from an empty sequence. With sliding-window layers that keep
+# only their window (Context(swa_full=False), as the backend makes its
+# batched contexts), a prefix is kept or shared only where the window before
+# its end is still held.
 #
 # Threads and locks. Lock order: SchedState.mu before a sequence's GenState.mu,
 # never the other way round (a consumer unlocks g.mu before it kicks).
@@ -97,10 +100,25 @@ cdef void sched_end(SchedState * S, int32_t i, bint drop_cache) noexcept nogil:
     sched_release(S, g)
 
 
+cdef bint window_held(SchedState * S, llama_memory_t mem, int32_t seq, int32_t end) noexcept nogil:
+    """Whether sequence ``seq`` can go on from position ``end`` after a cut
+    there: with windowed sliding-window layers, their cache must still hold
+    the window before ``end``: the token at ``end`` attends to positions
+    above ``end - n_swa``, and llama.cpp drops older ones as a sequence
+    advances (lazily, when it needs their cells). The memory keeps a
+    sequence's positions contiguous and reports the lowest it still holds."""
+    cdef llama_pos lowest
+    if S.n_swa <= 0 or end <= 0:
+        return True
+    lowest = llama_memory_seq_pos_min(mem, seq)
+    return lowest >= 0 and lowest <= (end - S.n_swa + 1 if end >= S.n_swa else 0)
+
+
 cdef void sched_plan(SchedState * S, int32_t i, GenState * g, int32_t lcp) noexcept nogil:
     """Set up slot ``i``'s cache for ``g``'s prompt: keep the common prefix
     (``lcp``, which admission measured), or share a longer one from another
-    slot; decode only the rest."""
+    slot; decode only the rest. A prefix whose sliding window is no longer
+    held (see window_held) is not used."""
     cdef Slot * slot = &S.slots[i]
     cdef llama_memory_t mem = llama_get_memory(S.ctx)
     cdef int32_t cap = g.n_prompt - 1   # at least one token is decoded, for logits
@@ -119,16 +137,21 @@ cdef void sched_plan(SchedState * S, int32_t i, GenState * g, int32_t lcp) noexc
                 l = common_prefix(S.slots[j].cells, S.slots[j].n_cells, g.prompt, g.n_prompt)
                 if l > cap:
                     l = cap
-                if l > best:
+                if l > best and window_held(S, mem, j, l):
                     best = l
                     o = j
-        if not llama_memory_seq_rm(mem, i, keep, -1):
+        if not llama_memory_seq_rm(mem, i, keep, -1) or not window_held(S, mem, i, keep):
             llama_memory_seq_rm(mem, i, -1, -1)
             keep = 0
-            o = -1
         slot.n_cells = keep
         slot.n_pos = keep
         if o >= 0 and best > keep:
+            if S.n_swa > 0 and keep > 0:
+                # The window before ``best`` may reach below ``keep``, into
+                # cells of our own that were dropped: take the whole prefix
+                # from the other slot, whose window is held.
+                llama_memory_seq_rm(mem, i, -1, -1)
+                keep = 0
             llama_memory_seq_cp(mem, o, i, keep, best)
             memcpy(slot.cells + keep, g.prompt + keep, (best - keep) * sizeof(llama_token))
             S.n_copied += best - keep
@@ -575,6 +598,7 @@ cdef class Scheduler:
         S.n_slots = n_slots
         S.recurrent = (llama_model_is_recurrent(context.model.ptr)
                        or llama_model_is_hybrid(context.model.ptr))
+        S.n_swa = 0 if context.swa_full else max(0, llama_model_n_swa(context.model.ptr))
         S.max_queued = max_queued
         S.pending_cap = max_queued + n_slots
         S.slots = <Slot *> calloc(n_slots, sizeof(Slot))

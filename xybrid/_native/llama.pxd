@@ -207,6 +207,7 @@ cdef extern from "llama.h" nogil:
     bint llama_model_has_decoder(const llama_model * model)
     bint llama_model_is_recurrent(const llama_model * model)
     bint llama_model_is_hybrid(const llama_model * model)
+    int32_t llama_model_n_swa(const llama_model * model)
 
     # --- context ----------------------------------------------------------------
     llama_context * llama_init_from_model(llama_model * model, llama_context_params params)
