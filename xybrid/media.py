@@ -222,9 +222,17 @@ def _check_audio_header(data: bytes) -> None:
     decodes it). Other formats (mp3) declare no duration; their byte size is
     their bound."""
     rate = frames = None
+    is_mp3 = data[:3] == b"ID3" or (len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         rate, frames = _wav_header(data)
-    elif data[:4] == b"fLaC" and len(data) >= 26:
+    elif is_mp3:
+        seconds = _mp3_seconds(data, MAX_AUDIO_SECONDS)
+        if seconds > MAX_AUDIO_SECONDS:
+            raise _too_big("the audio file's duration", int(seconds), MAX_AUDIO_SECONDS, "seconds")
+    elif data[:4] != b"fLaC" or len(data) < 12:
+        # mtmd would hand anything else to its image decoder, in an audio slot.
+        raise InvalidInputError("the audio bytes are not a wav, mp3 or flac file")
+    elif len(data) >= 26:
         # STREAMINFO, the first metadata block: 20 bits rate, 3 channels,
         # 5 bits per sample, 36 bits total samples (0: unknown).
         info = int.from_bytes(data[18:26], "big")
@@ -237,6 +245,62 @@ def _check_audio_header(data: bytes) -> None:
             f"{MIN_AUDIO_SAMPLE_RATE}..{MAX_AUDIO_SAMPLE_RATE} Hz")
     if frames is not None and frames > MAX_AUDIO_SECONDS * rate:
         raise _too_big("the audio file's duration", frames // rate, MAX_AUDIO_SECONDS, "seconds")
+
+
+# MPEG audio frame headers: kbit/s by (version is MPEG-1, layer) and index,
+# sample rates by version, samples per frame by (version is MPEG-1, layer).
+_MP3_KBPS = {
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MP3_SAMPLES = {(True, 1): 384, (True, 2): 1152, (True, 3): 1152,
+                (False, 1): 384, (False, 2): 1152, (False, 3): 576}
+
+
+# Real files have a handful (tags, a damaged frame); 64 MiB of 0xFF has 67M.
+_MP3_MAX_SKIPS = 65536
+
+
+def _mp3_seconds(data: bytes, limit: float) -> float:
+    """Duration of the MPEG audio frames in ``data``, counted until it passes
+    ``limit``. Bytes between frames are skipped to the next sync word, as a
+    decoder does, so padding cannot hide frames; the walk visits at most the
+    frames of ``limit`` seconds (a few thousand) and ``_MP3_MAX_SKIPS``
+    false sync words, past which the file is refused as not an mp3."""
+    pos = skips = 0
+    if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2 tag: syncsafe size
+        pos = 10 + ((data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | data[9] & 0x7F)
+    seconds = 0.0
+    while seconds <= limit:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 4 > len(data):
+            break
+        h = int.from_bytes(data[pos:pos + 4], "big")
+        version, layer = (h >> 19) & 3, 4 - ((h >> 17) & 3)
+        kbps_index, rate_index = (h >> 12) & 15, (h >> 10) & 3
+        if (h >> 21) & 0x7FF != 0x7FF or version == 1 or layer == 4 or kbps_index in (0, 15) \
+                or rate_index == 3:
+            pos += 1  # not a frame header (free-format frames are skipped too)
+            skips += 1
+            if skips > _MP3_MAX_SKIPS:
+                raise InvalidInputError(
+                    f"the audio bytes are not an mp3 file: more than {_MP3_MAX_SKIPS} false frame headers")
+            continue
+        mpeg1 = version == 3
+        kbps = _MP3_KBPS[(mpeg1, layer)][kbps_index]
+        rate = _MP3_RATES[version][rate_index]
+        samples = _MP3_SAMPLES[(mpeg1, layer)]
+        padding = (h >> 9) & 1
+        size = (12 * kbps * 1000 // rate + padding) * 4 if layer == 1 \
+            else samples // 8 * kbps * 1000 // rate + padding
+        seconds += samples / rate
+        pos += max(size, 4)
+    return seconds
 
 
 def _wav_header(data: bytes) -> tuple[int | None, int | None]:
