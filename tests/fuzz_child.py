@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from typing import Any
 
@@ -95,6 +96,10 @@ def _media_backend(model: str, mmproj: str) -> tuple[LlamaCppBackend, Any]:
 
 
 def main() -> None:
+    # Replies go to a private copy of stdout; fd 1 itself goes to stderr, so
+    # that whatever C code prints there (mtmd, clip) cannot break a reply line.
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     config = LlmConfig(sys.argv[1], context_length=256, n_batch=64, n_threads=1,
                        chat_template="chatml")
     probe = GenerationConfig.greedy(max_tokens=8)
@@ -102,7 +107,7 @@ def main() -> None:
         reference = fresh.generate_raw(PROBE, probe).text
     backend = LlamaCppBackend(config)
     media_backend, media_fresh = _media_backend(*sys.argv[2:4]) if len(sys.argv) > 3 else (None, None)
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True}), file=replies, flush=True)
     successes = 0
     for line in sys.stdin:
         request = json.loads(line)
@@ -129,7 +134,7 @@ def main() -> None:
             reply["fresh"] = media_fresh()
         elif check:
             reply["fresh"] = backend.generate_raw(PROBE, probe).text == reference
-        print(json.dumps(reply), flush=True)
+        print(json.dumps(reply), file=replies, flush=True)
     backend.close()
     if media_backend is not None:
         media_backend.close()

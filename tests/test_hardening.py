@@ -482,3 +482,99 @@ def test_failed_loads_free_their_handles_in_order(tiny_llama_path: Path) -> None
     """, str(tiny_llama_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "survived InvalidInputError" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Media bounds: measured before the expensive step (found by the media fuzz
+# suite in tests/test_fuzz.py, or by reading mtmd)
+# ---------------------------------------------------------------------------
+
+def _png_declaring(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _one_frame_wav() -> bytes:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\x01\x00")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    # a 300-byte PNG declaring 100k x 100k (30 GB of RGB); Pillow's own bomb
+    # error was an untyped DecompressionBombError
+    (lambda: _png_declaring(100_000, 100_000), "could not be decoded|too large"),
+    (lambda: _png_declaring(16385, 16), "side is too large"),
+    (lambda: _png_declaring(8000, 8000), r"pixels, the limit is 40000000"),
+    (lambda: __import__("numpy").broadcast_to(__import__("numpy").uint8(0), (100_000, 100_000, 3)),
+     "side is too large"),
+])
+def test_images_are_measured_before_decoding(make: Any, match: str) -> None:
+    import time
+
+    from xybrid.media import Image, image_to_rgb
+
+    start = time.monotonic()
+    with pytest.raises(InvalidInputError, match=match):
+        image_to_rgb(Image(make()))
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    # mtmd hands non-audio bytes to its image decoder, into an audio slot
+    (lambda: _png_declaring(4000, 4000), "not a wav, mp3 or flac"),
+    # 64 MiB of false mp3 sync words: a decoder scans them all
+    (lambda: b"\xff" * (8 * 1024 * 1024), "false frame headers"),
+    # one sample: GGML_ASSERT(buf.size() > sizeof(float)) in mtmd aborted
+    (lambda: memoryview(b"\x00" * 4), "fewer than 2 samples"),
+    (lambda: __import__("numpy").zeros(1, "float32"), "fewer than 2"),
+    (lambda: __import__("numpy").broadcast_to(__import__("numpy").float32(0), (2**31,)), "too large"),
+    (lambda: memoryview(b"\x00\x00\xc0\x7f" * 4), "NaN"),
+    (lambda: b"RIFF\x00\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x00\x00\x00\x00"
+             b"\x00\x00\x00\x00\x02\x00\x10\x00data\x00\x00\x00\x00", "sample rate is 0 Hz"),
+    (lambda: "/dev/zero", "not a regular file"),
+    (lambda: "/tmp/" + "a" * 5000 + ".wav", "cannot be used"),
+    (lambda: "\ud800.wav", "not encodable"),
+])
+def test_audio_is_measured_before_mtmd(make: Any, match: str) -> None:
+    from xybrid.media import Audio, audio_to_item
+
+    with pytest.raises(InvalidInputError, match=match):
+        audio_to_item(Audio(make()), 16000)
+
+
+def test_a_one_sample_clip_is_refused_by_the_engine_too(tmp_path: Path) -> None:
+    # The engine-level check (a WAV that decodes to one sample), in a child:
+    # before it, mtmd aborted the process.
+    from xybrid.testing.tiny_models import write_tiny_vlm
+
+    model, mmproj = write_tiny_vlm(tmp_path, vision=False, audio=True)
+    wav = tmp_path / "one.wav"
+    wav.write_bytes(_one_frame_wav())
+    proc = run_child("""
+        import sys
+        from xybrid._native import _engine
+        from xybrid.errors import InvalidInputError
+        model = _engine.Model(sys.argv[1])
+        mm = _engine.Multimodal(model, sys.argv[2], n_threads=1)
+        for item in [("audio", b"\\0" * 4), ("audio_file", open(sys.argv[3], "rb").read())]:
+            try:
+                mm.tokenize(mm.marker, [item])
+            except InvalidInputError as exc:
+                print("refused:", exc)
+    """, str(model), str(mmproj), str(wav))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("refused:") == 2, proc.stdout

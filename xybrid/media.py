@@ -26,7 +26,7 @@ from xybrid.errors import InvalidInputError, UnsupportedInputError
 __all__ = [
     "Image", "Audio", "media_from_openai_part", "image_to_rgb", "audio_to_item",
     "MAX_MEDIA_BYTES", "MAX_IMAGE_SIDE", "MAX_IMAGE_PIXELS", "MAX_AUDIO_SECONDS",
-    "MIN_AUDIO_SAMPLE_RATE", "MAX_AUDIO_SAMPLE_RATE",
+    "MIN_AUDIO_SAMPLE_RATE", "MAX_AUDIO_SAMPLE_RATE", "MIN_AUDIO_SAMPLES",
 ]
 
 #: Largest encoded image or audio file (bytes, a data URL's decoded payload, a
@@ -44,6 +44,9 @@ MAX_IMAGE_PIXELS: Final[int] = 40_000_000
 #: duration a WAV or FLAC header declares (a compressed clip of silence may
 #: declare hours). Audio encoders take 30 s windows; ten minutes is 20 of them.
 MAX_AUDIO_SECONDS: Final[int] = 600
+
+#: Fewest PCM samples in a clip: mtmd aborts the process on a single one.
+MIN_AUDIO_SAMPLES: Final[int] = 2
 
 #: Sample rates a WAV or FLAC header may declare (mtmd resamples to the
 #: projector's rate; a rate of 0 or of billions makes that loop meaningless).
@@ -180,6 +183,8 @@ def audio_to_item(audio: Audio, sample_rate: int | None = None) -> tuple[Any, ..
             raise InvalidInputError(f"audio must be mono (a 1-D array), got shape {src.shape}")
         if src.size == 0:
             raise InvalidInputError("the audio clip has no samples")
+        if src.size < MIN_AUDIO_SAMPLES:
+            raise InvalidInputError(f"the audio clip has {src.size} sample, fewer than {MIN_AUDIO_SAMPLES}")
         if src.size > max_samples:
             raise _too_big("the audio clip", int(src.size), max_samples, "samples")
         if not np.isfinite(src).all():
@@ -191,6 +196,8 @@ def audio_to_item(audio: Audio, sample_rate: int | None = None) -> tuple[Any, ..
         raw = src.tobytes()
         if not raw or len(raw) % 4:
             raise InvalidInputError("raw audio must be float32 samples: a non-empty multiple of 4 bytes")
+        if len(raw) < 4 * MIN_AUDIO_SAMPLES:
+            raise InvalidInputError(f"the raw audio has fewer than {MIN_AUDIO_SAMPLES} samples")
         import numpy
 
         if not numpy.isfinite(numpy.frombuffer(raw, dtype=numpy.float32)).all():
