@@ -591,3 +591,132 @@ def _media_run(child: Child, items: list[dict[str, Any]]) -> None:
 @example([{"audio_path": "/dev/zero"}, {"image_path": "\ud800.png"}])
 def test_fuzz_media(media_child: Child, items: list[dict[str, Any]]) -> None:
     _media_run(media_child, items)
+
+
+# ---------------------------------------------------------------------------
+# Chat templates (pure Python: in this process, each render timed)
+# ---------------------------------------------------------------------------
+
+# A render that takes this long is a hang: the step bound stops a runaway
+# template in about a second.
+TEMPLATE_DEADLINE_S = 10.0
+
+NUMBERS_T = st.sampled_from(["0", "1", "-1", "3", "40", "100000", "999999999", "10**9", "2**31",
+                             "1.5", "1e308", "-0.0"])
+STRINGS_T = st.sampled_from(["''", "'a'", "'ab'", "'%999999999d'", "'{:999999999}'", "'%s'",
+                             "'{}{}'", "'\\t'", "'\\n'", "'x' * 1000", "'<|im_start|>'", "'%*d'",
+                             "'%(a)s'", "'{0:{1}}'"])
+NAMES_T = st.sampled_from(["messages", "messages[0]", "messages[0].content", "messages[-1]['role']",
+                           "m", "m.content", "loop.index", "loop", "ns", "ns.x", "x", "bos_token",
+                           "tools", "add_generation_prompt", "nothing", "messages|length",
+                           "range(5)", "range(100000)", "namespace", "cycler", "lipsum",
+                           "raise_exception", "strftime_now", "dict(a=1)"])
+BINOPS = ["+", "-", "*", "/", "//", "%", "**", "~", "==", "<", "and", "or", "in", "not in"]
+FILTERS = ["upper", "length", "list", "first", "last", "join", "join(', ')", "join(x)",
+           "center(999999999)", "center(40)", "indent(999999999)", "indent(x)", "wordwrap(1)",
+           "format(x)", "format(999999999)", "replace('a', x)", "replace('', x)", "batch(999999999, 0)",
+           "slice(999999999)", "tojson", "tojson(indent=999999999)", "string", "reverse", "sort",
+           "unique", "sum", "sum(start=[])", "map('string')", "map('center', 999999999)",
+           "select", "reject('none')", "items", "dictsort", "default('d')", "int", "float", "trim",
+           "truncate(3)", "urlize", "pprint", "e", "title", "wordcount", "round(2)", "abs",
+           "attr('content')", "selectattr('role', 'equalto', 'user')", "groupby('role')", "random"]
+METHODS = ["upper()", "strip()", "split()", "splitlines()", "ljust(999999999)", "zfill(999999999)",
+           "center(x)", "replace('a', x)", "replace('', x)", "join(x)", "format(x, 999999999)",
+           "format_map(x)", "startswith('a')", "items()", "keys()", "get('a')", "expandtabs(999999999)",
+           "translate({97: x})", "count('')", "title()", "append(1)", "__class__"]
+
+
+def _expr(depth: int) -> st.SearchStrategy[str]:
+    atom = st.one_of(NUMBERS_T, STRINGS_T, NAMES_T,
+                     st.text(st.characters(codec="utf-8"), max_size=3).map(repr))
+    if depth <= 0:
+        return atom
+    sub = _expr(depth - 1)
+    return st.one_of(
+        atom,
+        st.tuples(sub, st.sampled_from(BINOPS), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(sub, st.sampled_from(FILTERS)).map(lambda t: f"({t[0]})|{t[1]}"),
+        st.tuples(sub, st.sampled_from(METHODS)).map(lambda t: f"({t[0]}).{t[1]}"),
+        st.tuples(sub, sub).map(lambda t: f"{t[0]}[{t[1]}]"),
+        st.tuples(sub, sub, sub).map(lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+        st.lists(sub, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+        sub.map(lambda e: f"{{'a': {e}}}"),
+        sub.map(lambda e: f"f({e})"),
+    )
+
+
+def _block(depth: int) -> st.SearchStrategy[str]:
+    expr = _expr(2)
+    simple = st.one_of(
+        st.sampled_from(["text ", "<|im_start|>", "\n", "{{ bos_token }}", "{% break %}",
+                         "{% continue %}", "{{ raise_exception('no') }}", "{{ caller() }}"]),
+        expr.map(lambda e: f"{{{{ {e} }}}}"),
+        expr.map(lambda e: f"{{% set x = {e} %}}"),
+        expr.map(lambda e: f"{{% set ns.x = {e} %}}"),
+        expr.map(lambda e: f"{{% set ns = namespace(x={e}) %}}"),
+    )
+    if depth <= 0:
+        return simple
+    body = st.lists(_block(depth - 1), max_size=3).map("".join)
+    return st.one_of(
+        simple,
+        st.tuples(expr, body).map(lambda t: f"{{% for x in {t[0]} %}}{t[1]}{{% endfor %}}"),
+        body.map(lambda b: f"{{% for m in messages %}}{b}{{% endfor %}}"),
+        body.map(lambda b: f"{{% for i in range(100000) %}}{b}{{% endfor %}}"),
+        body.map(lambda b: f"{{% for x in [1, 2] recursive %}}{b}{{{{ loop([x]) }}}}{{% endfor %}}"),
+        st.tuples(expr, body, body).map(
+            lambda t: f"{{% if {t[0]} %}}{t[1]}{{% else %}}{t[2]}{{% endif %}}"),
+        body.map(lambda b: f"{{% macro f(a, b=1) %}}{b}{{{{ f(a ~ a) }}}}{{% endmacro %}}"),
+        body.map(lambda b: f"{{% macro f(a) %}}{b}{{% endmacro %}}"),
+        body.map(lambda b: f"{{% call f(1) %}}{b}{{% endcall %}}"),
+        body.map(lambda b: f"{{% filter upper %}}{b}{{% endfilter %}}"),
+        body.map(lambda b: f"{{% generation %}}{b}{{% endgeneration %}}"),
+    )
+
+
+@st.composite
+def chat_templates(draw: st.DrawFn) -> str:
+    parts = draw(st.lists(_block(2), min_size=1, max_size=5))
+    if draw(st.booleans()):  # most real templates start by defining these
+        parts.insert(0, "{% set ns = namespace(x=0) %}{% macro f(a) %}{{ a }}{% endmacro %}")
+    return "".join(parts)
+
+
+TEMPLATE_MESSAGES = st.lists(
+    st.tuples(st.sampled_from(["system", "user", "assistant", "tool"]),
+              st.one_of(st.text(max_size=20), st.just("x" * 10000))),
+    min_size=1, max_size=4)
+
+
+@FUZZ
+@given(chat_templates(), TEMPLATE_MESSAGES, st.booleans())
+@example("{{ '%999999999d' % 1 }}", [("user", "hi")], False)
+@example("{{ 'a'|center(999999999) }}", [("user", "hi")], False)
+@example("{% set s = 'x' * 8000000 %}{% set l = [s] * 8000000 %}{{ l }}", [("user", "hi")], False)
+@example("{{ range(100000)|join('x' * 8000000) }}", [("user", "hi")], False)
+@example("{{ range(3)|batch(10**9, 0)|list|length }}", [("user", "hi")], False)
+@example("{{ ('a' * 1000000)|wordwrap(1) }}", [("user", "hi")], False)
+@example("{{ lipsum(100000) }}", [("user", "hi")], False)
+def test_fuzz_chat_templates(template: str, messages: list[tuple[str, str]], with_tools: bool) -> None:
+    import time
+
+    from xybrid.chat_templates import JinjaChatTemplate
+    from xybrid.types import ChatMessage
+
+    suite = "chat templates (Jinja)"
+    _count(suite, "tried")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}] \
+        if with_tools else None
+    start = time.monotonic()
+    try:
+        JinjaChatTemplate(template, bos_token="<s>").render(
+            [ChatMessage(role, text) for role, text in messages], tools=tools)
+    except XybridError:
+        _count(suite, "typed_errors")
+    except Exception as exc:  # pragma: no cover - a finding
+        _count(suite, "untyped_errors")
+        raise AssertionError(f"untyped {type(exc).__name__}: {exc} on {template!r:.300}") from exc
+    elapsed = time.monotonic() - start
+    if elapsed > TEMPLATE_DEADLINE_S:  # pragma: no cover - a finding
+        _count(suite, "hangs")
+        raise AssertionError(f"hang: {elapsed:.1f} s rendering {template!r:.300}")
