@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 import sys
@@ -347,8 +348,6 @@ def _media_file(src: str | os.PathLike[str], kind: str) -> Path:
         raise InvalidInputError(f"{kind} file {shown} cannot be used: {exc.strerror}") from None
     except ValueError:  # a NUL or a character the file system cannot encode
         raise InvalidInputError(f"{kind} file {shown} cannot be used: the path is not encodable") from None
-    import stat
-
     if not stat.S_ISREG(st.st_mode):
         raise InvalidInputError(f"{kind} file not found: {shown} is not a regular file")
     _check_bytes(f"the {kind} file {shown}", st.st_size)
