@@ -77,15 +77,31 @@ def _over_limit(what: str) -> InvalidInputError:
 _weights = threading.local()
 
 
+_FLAT_TYPES = frozenset({str, int, float, bool, type(None)})
+# Containers weighing at least this much are measured once per render.
+_MEMO_MIN_WEIGHT = 64
+
+
 def _weight(value: object) -> int:
     """About how many characters ``str(value)`` makes: a string's length, a
     container's items plus what they hold, counted through every reference
-    (``[s] * 1000`` weighs 1000 times ``s``), capped just past the limit."""
+    (``[s] * 1000`` weighs 1000 times ``s``), capped just past the limit.
+
+    Measuring is work too: it spends steps of the render's budget, and
+    containers weighing 64 or more are measured once per render."""
     memo: dict[int, tuple[int, object]] | None = getattr(_weights, "memo", None)
     return _weigh(value, {} if memo is None else memo)
 
 
-_FLAT_TYPES = frozenset({str, int, float, bool, type(None)})
+def _spend(items: int) -> None:
+    """Measuring is work: it spends from the render's step budget, one step
+    per container and one per 16 items in it."""
+    left = getattr(_weights, "left", None)
+    if left is not None:
+        left -= 1 + items // 16
+        _weights.left = left
+        if left < 0:
+            raise _over_limit(f"it ran more than {MAX_TEMPLATE_STEPS} steps")
 
 
 def _weigh(value: object, memo: dict[int, tuple[int, object]]) -> int:
@@ -97,25 +113,37 @@ def _weigh(value: object, memo: dict[int, tuple[int, object]]) -> int:
     if hit is not None:
         return hit[0]
     total = len(value)
-    items: Iterable[object] = itertools.chain.from_iterable(value.items()) \
+    _spend(total)
+    items: Iterable[object] = itertools.chain(value.keys(), value.values()) \
         if isinstance(value, dict) else value
-    kinds = set(map(type, value.values() if isinstance(value, dict) else value))
-    if isinstance(value, (list, tuple)) and kinds <= _FLAT_TYPES:
+    if total >= 64 and isinstance(value, (list, tuple)) and set(map(type, value)) <= _FLAT_TYPES:
         # The common case, at C speed: a list of strings or numbers.
-        total += sum(map(len, value)) if kinds == {str} else \
-            sum(len(v) if type(v) is str else 1 for v in value)
+        total += sum(len(v) if type(v) is str else 1 for v in value)
+    else:
+        for item in items:
+            kind = type(item)
+            if kind is str:  # inline: a call per item is the cost here
+                total += len(item)  # type: ignore[arg-type]
+            elif kind in _FLAT_TYPES:
+                total += 1
+            else:
+                total += _weigh(item, memo)
+            if total > MAX_TEMPLATE_OUTPUT:
+                break
+    if total >= _MEMO_MIN_WEIGHT:
+        # Kept for the rest of the render. Each entry cost at least this
+        # much measuring, so the budget bounds how many there are.
         memo[id(value)] = (total, value)
-        return total
-    for item in items:
-        total += _weigh(item, memo)
-        if total > MAX_TEMPLATE_OUTPUT:
-            break
-    memo[id(value)] = (total, value)
     return total
 
 
 def _check_size(value: object) -> object:
-    weight = _weight(value)
+    if isinstance(value, (str, bytes)):  # the common case, without a call
+        weight = len(value)
+    elif isinstance(value, (list, tuple, dict)):
+        weight = _weight(value)
+    else:
+        return value
     if weight > MAX_TEMPLATE_OUTPUT:
         raise _over_limit(f"it built a value of {weight} items")
     return value
@@ -271,7 +299,9 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         for value in (*args, *kwargs.values()):
-            _check_size(value)
+            if isinstance(value, (list, tuple, dict)) or \
+                    isinstance(value, str) and len(value) > MAX_TEMPLATE_OUTPUT:
+                _check_size(value)
         if isinstance(__obj, types.BuiltinMethodType) and isinstance(__obj.__self__, (str, bytes)):
             if __obj.__name__ == "join" and args:
                 args = (list(args[0]), *args[1:])  # measured, then joined: one pass
@@ -320,13 +350,13 @@ def render_bounded(template: jinja2.Template, context: Mapping[str, Any]) -> str
     at frames of compiled templates (other code runs untraced), and the one
     that was set before (a debugger, coverage) is put back afterwards.
     """
-    left = MAX_TEMPLATE_STEPS
+    # The budget is shared with the measuring of values (_spend).
+    state = _weights
 
     def count(frame: FrameType, event: str, arg: object) -> Any:
-        nonlocal left
         if event == "line":
-            left -= 1
-            if left < 0:
+            state.left -= 1
+            if state.left < 0:
                 raise _over_limit(f"it ran more than {MAX_TEMPLATE_STEPS} steps")
         return count
 
@@ -335,7 +365,7 @@ def render_bounded(template: jinja2.Template, context: Mapping[str, Any]) -> str
 
     previous = sys.gettrace()
     sys.settrace(pick)
-    _weights.memo = {}
+    _weights.memo, _weights.left = {}, MAX_TEMPLATE_STEPS
     try:
         parts: list[str] = []
         size = 0
@@ -347,7 +377,7 @@ def render_bounded(template: jinja2.Template, context: Mapping[str, Any]) -> str
         return "".join(parts)
     finally:
         sys.settrace(previous)
-        _weights.memo = None
+        _weights.memo = _weights.left = None
 
 def _raise_exception(message: object) -> None:
     """Template-callable ``raise_exception``: the template rejected its input."""
@@ -408,7 +438,9 @@ def _guarded(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         for value in (*args, *kwargs.values()):
-            _check_size(value)
+            if isinstance(value, (list, tuple, dict)) or \
+                    isinstance(value, str) and len(value) > MAX_TEMPLATE_OUTPUT:
+                _check_size(value)
         if name == "join":
             # Measured before joining, so an iterator is made a list first.
             at = next(i for i, a in enumerate(args) if not isinstance(a, _CONTEXT_TYPES))
@@ -504,8 +536,11 @@ _FILTER_CHECKS: dict[str, Callable[..., None]] = {
 
 
 def _finalize(value: object) -> object:
-    """Every ``{{ ... }}`` output, measured before ``str()`` runs on it."""
-    return _check_size(value)
+    """Every ``{{ ... }}`` output, measured before ``str()`` runs on it
+    (strings are measured by the output bound as they come)."""
+    if isinstance(value, (list, tuple, dict)):
+        _check_size(value)
+    return value
 
 
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
