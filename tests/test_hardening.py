@@ -406,10 +406,13 @@ def test_the_text_bound_never_refuses_what_fits(backend: LlamaCppBackend) -> Non
      "steps"),
     ("{{ 'x' * 1000000000 }}", "'\\*' would build"),
     ("{{ 10 ** 100000000 }}", "'\\*\\*' would build"),
+    # ('~' is measured before it joins, since the sandbox's own bounds)
     ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
-     "{% endfor %}{{ ns.s }}", "built a value"),
+     "{% endfor %}{{ ns.s }}", "'~' would build"),
     ("{% macro d(s, n) %}{{ d(s ~ s, n - 1) if n else s }}{% endmacro %}{{ d('ab', 40) }}",
-     "built a value"),
+     "'~' would build"),
+    ("{% macro d(s, n) %}{{ d(s + s, n - 1) if n else s }}{% endmacro %}{{ d('ab', 40) }}",
+     "'\\+' would build|built a value"),
     ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "output passed"),
 ])
 def test_template_rendering_has_a_work_bound(tiny_llama_path: Path, template: str,
@@ -482,3 +485,181 @@ def test_failed_loads_free_their_handles_in_order(tiny_llama_path: Path) -> None
     """, str(tiny_llama_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "survived InvalidInputError" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Media bounds: measured before the expensive step (found by the media fuzz
+# suite in tests/test_fuzz.py, or by reading mtmd)
+# ---------------------------------------------------------------------------
+
+def _png_declaring(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _one_frame_wav() -> bytes:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\x01\x00")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    # a 300-byte PNG declaring 100k x 100k (30 GB of RGB); Pillow's own bomb
+    # error was an untyped DecompressionBombError
+    (lambda: _png_declaring(100_000, 100_000), "could not be decoded|too large"),
+    (lambda: _png_declaring(16385, 16), "side is too large"),
+    (lambda: _png_declaring(8000, 8000), r"pixels, the limit is 40000000"),
+    (lambda: __import__("numpy").broadcast_to(__import__("numpy").uint8(0), (100_000, 100_000, 3)),
+     "side is too large"),
+])
+def test_images_are_measured_before_decoding(make: Any, match: str) -> None:
+    import time
+
+    from xybrid.media import Image, image_to_rgb
+
+    start = time.monotonic()
+    with pytest.raises(InvalidInputError, match=match):
+        image_to_rgb(Image(make()))
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    # mtmd hands non-audio bytes to its image decoder, into an audio slot
+    (lambda: _png_declaring(4000, 4000), "not a wav, mp3 or flac"),
+    # 64 MiB of false mp3 sync words: a decoder scans them all
+    (lambda: b"\xff" * (8 * 1024 * 1024), "false frame headers"),
+    # one sample: GGML_ASSERT(buf.size() > sizeof(float)) in mtmd aborted
+    (lambda: memoryview(b"\x00" * 4), "fewer than 2 samples"),
+    (lambda: __import__("numpy").zeros(1, "float32"), "fewer than 2"),
+    (lambda: __import__("numpy").broadcast_to(__import__("numpy").float32(0), (2**31,)), "too large"),
+    (lambda: memoryview(b"\x00\x00\xc0\x7f" * 4), "NaN"),
+    (lambda: b"RIFF\x00\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x00\x00\x00\x00"
+             b"\x00\x00\x00\x00\x02\x00\x10\x00data\x00\x00\x00\x00", "sample rate is 0 Hz"),
+    (lambda: "/dev/zero", "not a regular file"),
+    (lambda: "/tmp/" + "a" * 5000 + ".wav", "cannot be used"),
+    (lambda: "\ud800.wav", "not encodable"),
+])
+def test_audio_is_measured_before_mtmd(make: Any, match: str) -> None:
+    from xybrid.media import Audio, audio_to_item
+
+    with pytest.raises(InvalidInputError, match=match):
+        audio_to_item(Audio(make()), 16000)
+
+
+def test_a_one_sample_clip_is_refused_by_the_engine_too(tmp_path: Path) -> None:
+    # The engine-level check (a WAV that decodes to one sample), in a child:
+    # before it, mtmd aborted the process.
+    from xybrid.testing.tiny_models import write_tiny_vlm
+
+    model, mmproj = write_tiny_vlm(tmp_path, vision=False, audio=True)
+    wav = tmp_path / "one.wav"
+    wav.write_bytes(_one_frame_wav())
+    proc = run_child("""
+        import sys
+        from xybrid._native import _engine
+        from xybrid.errors import InvalidInputError
+        model = _engine.Model(sys.argv[1])
+        mm = _engine.Multimodal(model, sys.argv[2], n_threads=1)
+        for item in [("audio", b"\\0" * 4), ("audio_file", open(sys.argv[3], "rb").read())]:
+            try:
+                mm.tokenize(mm.marker, [item])
+            except InvalidInputError as exc:
+                print("refused:", exc)
+    """, str(model), str(mmproj), str(wav))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("refused:") == 2, proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Jinja: work that the sandbox once did before (or without) any bound. Each
+# took seconds and a gigabyte or more, hung, or raised MemoryError; now each
+# is InvalidInputError at once, whether the template is the user's or the
+# GGUF's (both are compiled by the same environment).
+# ---------------------------------------------------------------------------
+
+HOSTILE_TEMPLATES = [
+    # compile-time constant folding ran these while compiling
+    "{{ '%999999999d' % 1 }}",
+    "{{ ('%' ~ '999999999d') % 1 }}",
+    "{{ 'a'|center(999999999) }}",
+    '{{ "%.999999999f" % 1.0 }}',
+    '{{ "%-999999999s"|format("x") }}',
+    "{% if ('a'|center(10**9)) %}{% endif %}",
+    # widths and amplifying methods at render time
+    "{% set w = 999999999 %}{{ '%*d' % (w, 1) }}",
+    "{{ '%(a)999999999s' % {'a': 1} }}",
+    "{{ '{:999999999}'.format(1) }}",
+    "{{ '{0:{1}}'.format('a', 999999999) }}",
+    "{{ ('{:9999999}' * 1000).format(*range(1000)) }}",
+    "{{ 'a'.ljust(999999999) }}",
+    "{{ '1'.zfill(999999999) }}",
+    "{{ ('\t' * 100).expandtabs(10**7) }}",
+    "{{ ('a' * 1000).replace('', 'x' * 100000) }}",
+    "{{ ('a' * 8000000).translate({97: 'b' * 8000000}) }}",
+    "{{ ('x' * 8000000).join(range(100000)|map('string')) }}",
+    "{{ range(100000)|join('x' * 8000000) }}",
+    "{{ range(100)|map('center', 10**9)|list }}",
+    "{{ 'a'|indent(999999999, true) }}",
+    "{{ ('x\n' * 1000)|indent('a' * 10000) }}",
+    "{{ range(3)|batch(10**9, 0)|list|length }}",
+    "{{ range(3)|slice(10**9)|list|length }}",
+    "{{ [[1]]|tojson(indent=999999999) }}",
+    "{{ ('a' * 1000000)|wordwrap(1) }}",
+    "{{ ('a.b ' * 1000000)|urlize|length }}",
+    "{{ lipsum(100000) }}",
+    "{{ lipsum(1, max=10**9) }}",
+    # shared references: a list of one string many times, printed
+    "{% set s = 'x' * 8000000 %}{% set l = [s] * 8000000 %}{{ l }}",
+    "{% set s = 'x' * 8000000 %}{% set l = [s] * 8000000 %}{{ l|tojson }}",
+    "{% set s = 'x' * 100000 %}{% set a = [s, s] %}{% set b = [a, a, a, a, a, a, a, a] %}"
+    "{% set c = [b, b, b, b, b, b, b, b] %}{% set d = [c, c, c, c, c, c, c, c] %}{{ d|string }}",
+    "{% set l = [[0] * 80] * 100000 %}{{ l|sum(start=[])|length }}",
+    # integers squared in a namespace: 40 steps, 2**40 bits
+    "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
+    "{{ ns.x > 0 }}",
+    # a template far larger than any chat template
+    "{{ 1 }}" * 200_000,
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES, ids=lambda t: t[:60])
+@pytest.mark.parametrize("where", ["user", "gguf"])
+def test_hostile_templates_are_refused_at_once(template: str, where: str) -> None:
+    import time
+
+    from xybrid.chat_templates import resolve_chat_template
+    from xybrid.types import ChatMessage
+
+    start = time.monotonic()
+    with pytest.raises(InvalidInputError, match="chat template"):
+        chosen = resolve_chat_template(template if where == "user" else None,
+                                       template if where == "gguf" else None, "llama")
+        chosen.render([ChatMessage.user("hi")])
+    assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("{{ '%5d|%-3s|%.2f' % (42, 'a', 1.5) }}", "   42|a  |1.50"),
+    ("{{ '{:>4}{}'.format('x', 1) }}", "   x1"),
+    ("{{ 'a'|center(5) }}|{{ 'a\nb'|indent(2) }}|{{ [1, 2]|join('-') }}", "  a  |a\n  b|1-2"),
+    ("{{ messages[0].content ~ '!' }}{{ {'a': 1}|tojson(indent=2) }}", 'hi!{\n  "a": 1\n}'),
+    ("{{ ('ab' * 3)|replace('b', 'cd') }}{{ [[1], [2]]|sum(start=[]) }}", "acdacdacd[1, 2]"),
+])
+def test_the_bounds_leave_ordinary_templates_alone(template: str, expected: str) -> None:
+    from xybrid.chat_templates import JinjaChatTemplate
+    from xybrid.types import ChatMessage
+
+    assert JinjaChatTemplate(template).render([ChatMessage.user("hi")]) == expected

@@ -236,7 +236,7 @@ def _prepare_media(view: ModelView, msgs: list[ChatMessage],
             elif isinstance(item, Audio):
                 if not mm.audio:
                     raise UnsupportedInputError("the loaded projector has no audio encoder")
-                items.append(audio_to_item(item))
+                items.append(audio_to_item(item, mm.audio_sample_rate))
             markers += mm.marker + "\n"
         rendered.append(ChatMessage(m.role, markers + m.content, m.name, m.tool_call_id))
     prompt = view.template.render(rendered, add_generation_prompt=True, tools=tools)

@@ -132,6 +132,9 @@ cdef class Multimodal:
                     raw = item[1]
                     if len(raw) == 0 or len(raw) % 4:
                         raise InvalidInputError(f"media {i}: audio must be non-empty float32 PCM")
+                    # mtmd asserts (aborts the process) on a clip of one sample.
+                    if len(raw) < 8:
+                        raise InvalidInputError(f"media {i}: an audio clip needs at least 2 samples")
                     if not self.audio:
                         raise InvalidInputError(f"media {i}: this projector has no audio encoder")
                     data = raw
@@ -151,6 +154,8 @@ cdef class Multimodal:
                         raise InvalidInputError(f"media {i}: not a readable wav, mp3 or flac file")
                     if not mtmd_bitmap_is_audio(bitmaps[i]):
                         raise InvalidInputError(f"media {i}: the file is an image, not audio")
+                    if mtmd_bitmap_get_n_bytes(bitmaps[i]) < 8:  # as for PCM above
+                        raise InvalidInputError(f"media {i}: the audio file decodes to fewer than 2 samples")
                 else:
                     raise InvalidInputError(f"media {i}: unknown kind {kind!r}")
                 if bitmaps[i] == NULL:
