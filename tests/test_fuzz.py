@@ -72,14 +72,16 @@ def _report() -> Iterator[None]:
 
 
 class Child:
-    """tests/fuzz_child.py, restarted after it dies."""
+    """tests/fuzz_child.py (or another child script beside it), restarted
+    after it dies."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, script: str = "fuzz_child.py") -> None:
         self.model = model
+        self.script = script
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        script = Path(__file__).with_name("fuzz_child.py")
+        script = Path(__file__).with_name(self.script)
         self.proc = subprocess.Popen(
             [sys.executable, str(script), str(self.model)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -213,10 +213,6 @@ class LlamaCppBackend(LlmBackend):
                 verify_sha256(mmproj, config.mmproj_sha256)
         elif config.mmproj_sha256:
             raise InvalidInputError("LlmConfig.mmproj_sha256 is set but mmproj_path is not")
-        if config.parallel > config.n_batch:
-            raise InvalidInputError(
-                f"LlmConfig.parallel ({config.parallel}) must not exceed n_batch "
-                f"({config.n_batch}): every running sequence needs a row in each decode")
         gpu_layers = config.gpu_layers
         if config.rpc_servers:
             from xybrid import rpc

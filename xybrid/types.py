@@ -436,6 +436,14 @@ class LlmConfig:
         }
         if values["tensor_split"] and not values["rpc_servers"]:
             raise InvalidInputError(f"{owner}.tensor_split is set but rpc_servers is not")
+        # Every running sequence needs a row in each decode batch, and
+        # llama.cpp cuts the batch to the context length (a causal model
+        # never decodes more tokens at once than its context holds).
+        rows = min(cast(int, values["n_batch"]), cast(int, values["context_length"]))
+        if cast(int, values["parallel"]) > rows:
+            raise InvalidInputError(
+                f"{owner}.parallel ({values['parallel']}) must not exceed min(n_batch, "
+                f"context_length) ({rows}): every running sequence needs a row in each decode")
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
