@@ -31,6 +31,8 @@ __all__ = [
     "MAX_GRAMMAR_BYTES",
     "MAX_GRAMMAR_ALTERNATIONS",
     "MAX_GRAMMAR_DEPTH",
+    "MAX_GRAMMAR_STACKS",
+    "MAX_GRAMMAR_WORK",
     "JSON_OBJECT_GBNF",
     "validate_grammar",
     "json_schema_to_gbnf",
@@ -46,6 +48,23 @@ MAX_GRAMMAR_BYTES: Final[int] = 64 * 1024
 #: counted, including those inside literals, character classes and comments:
 #: the count is a cheap bound on branching, not a parse.
 MAX_GRAMMAR_ALTERNATIONS: Final[int] = 4096
+
+#: Most parse stacks a grammar may hold while it is enforced. llama.cpp keeps
+#: one stack per way the text so far can continue (``"a1" | "a2" | ...``
+#: starts with one per alternative; an ambiguous grammar multiplies them as
+#: text arrives), and each sampled token is matched against every one. Checked
+#: when the sampler is built (a :class:`GrammarError` then) and after every
+#: accepted character (the request ends with a :class:`GrammarError`).
+MAX_GRAMMAR_STACKS: Final[int] = 1024
+
+#: Most matching steps the grammar may spend on one token, per entry of the
+#: model's vocabulary: a plain scan of the vocabulary against one parse stack
+#: is one step per entry and piece character, and a JSON-schema grammar
+#: stays well under 8 per entry (measured on Gemma 3 and SmolLM2). A grammar
+#: so ambiguous that one token costs more (nested optional rules inside a
+#: repetition; many alternatives sharing a prefix) ends the request with a
+#: :class:`GrammarError` instead of stalling the backend.
+MAX_GRAMMAR_WORK: Final[int] = 64
 
 #: Deepest nesting of subschemas a JSON schema may have to be converted.
 MAX_SCHEMA_DEPTH: Final[int] = 64
