@@ -69,6 +69,12 @@ FLOAT32_MAX: Final[float] = 3.4028234663852886e38
 #: threads (GGML_MAX_N_THREADS).
 MAX_PARALLEL: Final[int] = 256
 MAX_THREADS: Final[int] = 512
+#: Largest ``context_length`` (and ``n_batch`` / ``n_ubatch``): llama.cpp
+#: sizes per-cell bookkeeping by the context before it allocates the KV
+#: cache, so a context of 2**31 cells touched 8 GiB and took seconds before
+#: failing. 2**20 cells is past the trained context of the models this
+#: package targets; the KV cache of a context that large still has to fit.
+MAX_CONTEXT_LENGTH: Final[int] = 1 << 20
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int, requirement: str,
@@ -408,7 +414,8 @@ class LlmConfig:
         values: dict[str, object] = {
             "model_path": model_path,
             "context_length": _check_int(
-                owner, "context_length", context_length, 1, "a positive integer"
+                owner, "context_length", context_length, 1, "a positive integer",
+                MAX_CONTEXT_LENGTH,
             ),
             "gpu_layers": _check_int(
                 owner, "gpu_layers", gpu_layers, -1, "an integer >= -1 (-1 offloads all layers)"
@@ -417,8 +424,10 @@ class LlmConfig:
                 owner, "n_threads", n_threads, 0, "an integer >= 0 (0 picks automatically)",
                 MAX_THREADS,
             ),
-            "n_batch": _check_int(owner, "n_batch", n_batch, 1, "a positive integer"),
-            "n_ubatch": _check_int(owner, "n_ubatch", n_ubatch, 1, "a positive integer"),
+            "n_batch": _check_int(owner, "n_batch", n_batch, 1, "a positive integer",
+                                  MAX_CONTEXT_LENGTH),
+            "n_ubatch": _check_int(owner, "n_ubatch", n_ubatch, 1, "a positive integer",
+                                   MAX_CONTEXT_LENGTH),
             "flash_attn": _check_bool(owner, "flash_attn", flash_attn),
             "chat_template": _check_optional_str(owner, "chat_template", chat_template),
             "use_mmap": _check_bool(owner, "use_mmap", use_mmap),
