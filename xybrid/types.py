@@ -75,6 +75,9 @@ MAX_THREADS: Final[int] = 512
 #: failing. 2**20 cells is past the trained context of the models this
 #: package targets; the KV cache of a context that large still has to fit.
 MAX_CONTEXT_LENGTH: Final[int] = 1 << 20
+#: Most requests that may wait for a slot (``LlmConfig.max_queued``): the
+#: scheduler allocates their queue up front (2**31 overflowed its C size).
+MAX_QUEUED: Final[int] = 1 << 16
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int, requirement: str,
@@ -438,7 +441,8 @@ class LlmConfig:
             "parallel": _check_int(owner, "parallel", parallel, 1, "a positive integer",
                                    MAX_PARALLEL),
             "max_queued": _check_int(
-                owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)"
+                owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)",
+                MAX_QUEUED,
             ),
             "rpc_servers": _check_rpc_servers(owner, rpc_servers),
             "tensor_split": _check_tensor_split(owner, tensor_split),
