@@ -1,10 +1,8 @@
 """Constrained decoding has bounded work, and admits only UTF-8.
 
 - Work: a grammar that starts with more than ``MAX_GRAMMAR_STACKS`` parse
-  stacks is refused when the sampler is built; one whose stacks multiply, or
-  whose matching of one token passes ``MAX_GRAMMAR_WORK`` steps per
-  vocabulary entry, ends its request with a ``GrammarError`` naming the bound
-  within moments, in the single-sequence loop and in the batching scheduler
+  stacks is refused when the sampler is built; one whose stacks multiply
+  ends its request with a ``GrammarError`` naming the bound within moments, in the single-sequence loop and in the batching scheduler
   (the other sequences of the batch are unaffected), and the backend then
   answers as a fresh one does.
 - UTF-8: every token a grammar admits, at every step, continues the reply as
@@ -24,7 +22,7 @@ import pytest
 from xybrid import GenerationConfig, LlamaCppBackend, LlmConfig
 from xybrid._native._engine import Model, Sampler
 from xybrid.errors import GrammarError
-from xybrid.grammar import MAX_GRAMMAR_STACKS, MAX_GRAMMAR_WORK, json_schema_to_gbnf
+from xybrid.grammar import MAX_GRAMMAR_STACKS, json_schema_to_gbnf
 
 WIDE = "root ::= (" + " | ".join(f'"a{i}"' for i in range(MAX_GRAMMAR_STACKS + 1)) + ")"
 # Optional rules inside a repetition: every character can be read in many
@@ -55,21 +53,10 @@ def test_grammar_with_too_many_starting_stacks_is_refused_when_built(tiny_llama_
         assert Sampler(model, grammar=at).grammar_stats["stacks"] == MAX_GRAMMAR_STACKS
 
 
-def test_ambiguous_grammar_is_enforced_at_a_bounded_cost(tiny_backend: LlamaCppBackend) -> None:
-    # With llama.cpp's own matching this ran for over 300 s without
-    # finishing 16 tokens; the counted matching deduplicates the stacks
-    # after every character, and this grammar then costs a few ms a token.
-    t0 = time.monotonic()
-    out = tiny_backend.generate_raw(PROMPT, GenerationConfig(temperature=0.8, seed=1, max_tokens=16,
-                                                             grammar=AMBIGUOUS))
-    assert time.monotonic() - t0 < 20
-    assert out.tokens_generated > 0
-
-
 def test_grammar_whose_stacks_multiply_ends_with_a_grammar_error(tiny_backend: LlamaCppBackend) -> None:
     reference = _reference(tiny_backend)
     t0 = time.monotonic()
-    with pytest.raises(GrammarError, match="MAX_GRAMMAR_WORK|MAX_GRAMMAR_STACKS"):
+    with pytest.raises(GrammarError, match="MAX_GRAMMAR_STACKS"):
         tiny_backend.generate_raw(PROMPT, GenerationConfig(temperature=0.8, seed=1, max_tokens=64,
                                                            grammar=DOUBLING))
     assert time.monotonic() - t0 < 20
@@ -89,19 +76,15 @@ def test_bounded_failure_in_a_batch_spares_the_other_sequences(tiny_llama_path: 
         assert backend.generate_raw(PROMPT, plain).text == alone
 
 
-def test_a_json_schema_grammar_stays_well_inside_the_work_bound(tiny_backend: LlamaCppBackend,
-                                                               tiny_llama_path: Path) -> None:
+def test_a_json_schema_grammar_stays_well_inside_the_stack_bound(tiny_llama_path: Path) -> None:
     schema = {"type": "object", "properties": {
         "name": {"type": "string"}, "age": {"type": "integer"},
         "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}}},
         "required": ["name", "age"]}
-    grammar = json_schema_to_gbnf(schema)
     with Model(str(tiny_llama_path)) as model:
-        sampler = Sampler(model, grammar=grammar)
-        sampler.admitted()  # one full scan at the start
+        sampler = Sampler(model, grammar=json_schema_to_gbnf(schema))
         stats = sampler.grammar_stats
-        assert stats is not None
-        assert stats["peak_work"] < MAX_GRAMMAR_WORK * model.n_vocab / 4
+        assert stats is not None and stats["stacks"] < MAX_GRAMMAR_STACKS // 16
 
 
 # --- UTF-8 --------------------------------------------------------------------

@@ -32,7 +32,6 @@ __all__ = [
     "MAX_GRAMMAR_ALTERNATIONS",
     "MAX_GRAMMAR_DEPTH",
     "MAX_GRAMMAR_STACKS",
-    "MAX_GRAMMAR_WORK",
     "JSON_OBJECT_GBNF",
     "validate_grammar",
     "json_schema_to_gbnf",
@@ -56,15 +55,6 @@ MAX_GRAMMAR_ALTERNATIONS: Final[int] = 4096
 #: when the sampler is built (a :class:`GrammarError` then) and after every
 #: accepted character (the request ends with a :class:`GrammarError`).
 MAX_GRAMMAR_STACKS: Final[int] = 1024
-
-#: Most matching steps the grammar may spend on one token, per entry of the
-#: model's vocabulary: a plain scan of the vocabulary against one parse stack
-#: is one step per entry and piece character, and a JSON-schema grammar
-#: stays well under 8 per entry (measured on Gemma 3 and SmolLM2). A grammar
-#: so ambiguous that one token costs more (nested optional rules inside a
-#: repetition; many alternatives sharing a prefix) ends the request with a
-#: :class:`GrammarError` instead of stalling the backend.
-MAX_GRAMMAR_WORK: Final[int] = 64
 
 #: Deepest nesting of subschemas a JSON schema may have to be converted.
 MAX_SCHEMA_DEPTH: Final[int] = 64

@@ -131,17 +131,15 @@ cdef class Sampler:
             # classes, token ids past the vocabulary, left recursion, rules
             # that never finish, ...): see xybrid.grammar.validate_grammar.
             from xybrid.grammar import (  # not at import: it loads typing
-                MAX_GRAMMAR_STACKS, MAX_GRAMMAR_WORK, validate_grammar)
+                MAX_GRAMMAR_STACKS, validate_grammar)
 
             validate_grammar(grammar, n_vocab=self.n_vocab, root=grammar_root)
             bgrammar = encode_text(grammar, "grammar")
             broot = encode_text(grammar_root, "grammar root")
             take_log_tail()
-            # The work bounds (see xy_shim.cpp): parse stacks at any point,
-            # and matching steps per token, in proportion to the vocabulary.
+            # The work bound (see xy_shim.cpp): parse stacks at any point.
             self.grammar = xy_grammar_init(model.vocab, bgrammar, broot, MAX_GRAMMAR_STACKS,
-                                           <int64_t> MAX_GRAMMAR_WORK * max(self.n_vocab, 1),
-                                           &n_stacks)
+                                           0x7FFFFFFFFFFFFFFF, &n_stacks)
             if self.grammar == NULL:
                 reason = take_log_tail()
                 if n_stacks > MAX_GRAMMAR_STACKS:
@@ -279,7 +277,7 @@ cdef class Sampler:
     def grammar_stats(self):
         """``{"stacks": parse stacks now, "last_work": work units of the last
         candidate rejection, "peak_work": the most one has spent}``, or
-        ``None`` without a grammar. See :data:`xybrid.grammar.MAX_GRAMMAR_WORK`."""
+        ``None`` without a grammar (the work counters stay 0 for now)."""
         cdef int64_t n_stacks = 0, last_work = 0, peak_work = 0
         if self.grammar == NULL or xy_grammar_stats(self.grammar, &n_stacks, &last_work, &peak_work) != 0:
             return None
@@ -291,10 +289,9 @@ cdef class Sampler:
 
 
 def grammar_bound_message(detail):
-    """The GrammarError text for a request ended by a grammar work bound."""
-    from xybrid.grammar import MAX_GRAMMAR_STACKS, MAX_GRAMMAR_WORK
+    """The GrammarError text for a request ended by the grammar's stack bound."""
+    from xybrid.grammar import MAX_GRAMMAR_STACKS
     return ("the grammar passed its work bound (MAX_GRAMMAR_STACKS = "
-            f"{MAX_GRAMMAR_STACKS} parse stacks, MAX_GRAMMAR_WORK = {MAX_GRAMMAR_WORK} "
-            "matching steps per vocabulary entry per token): it is too ambiguous or branches "
+            f"{MAX_GRAMMAR_STACKS} parse stacks): it is too ambiguous or branches "
             "too widely to be enforced at a bounded cost per token"
             + (f" ({detail})" if detail else ""))

@@ -118,7 +118,7 @@ bool allowed(float logit) { return !(std::isinf(logit) && logit < 0); }
 //
 // Two things llama.cpp's own grammar sampler does not do:
 //
-// - Bounded work. llama.cpp keeps one parse stack per way the text so far
+// - Bounded stacks. llama.cpp keeps one parse stack per way the text so far
 //   can continue, and every token costs work in proportion to that count
 //   (each candidate of the vocabulary is matched against every stack). A
 //   grammar with thousands of alternatives at one position, or an ambiguous
@@ -126,6 +126,10 @@ bool allowed(float logit) { return !(std::isinf(logit) && logit < 0); }
 //   times slower. The count is checked after the grammar is built and after
 //   every accepted code point; past `max_stacks` the request ends
 //   (stack_bound_exceeded, turned into XY_SAMPLE_GRAMMAR_TOO_COMPLEX).
+//   llama.cpp's candidate matching itself (llama_grammar_apply_impl) is not
+//   bounded: it explores every reading of a piece, which for a grammar of
+//   nested optional rules inside a repetition is exponential in the piece
+//   length while the stack count stays small.
 // - Strict UTF-8. llama.cpp decodes token pieces leniently: a lead byte
 //   F5..FF, an overlong form (C0 80, E0 80 80), a UTF-16 surrogate (ED A0 80)
 //   or a code point past U+10FFFF passes any "." or negated class, and the
@@ -188,7 +192,7 @@ struct xy_grammar {
     std::string text;
     std::string root;
     size_t max_stacks;
-    uint64_t max_work;  // work units one apply may spend (see reject_for_stack)
+    uint64_t max_work;  // reserved: a bound on one apply's work is not enforced yet
     llama_grammar *grammar;
     uint8_t utf8;  // automaton state after the accepted pieces
     uint64_t last_work = 0;  // what the last apply spent
@@ -215,158 +219,6 @@ void check_stacks(const xy_grammar &g) {
 }
 
 const char *xy_grammar_name(const llama_sampler *) { return "xybrid-grammar"; }
-
-// --- Candidate rejection, with a work budget ---------------------------------
-//
-// llama.cpp's own rejection (llama_grammar_apply_impl) matches the
-// candidates against each parse stack in turn and recurses, one character
-// deeper, into the stacks that follow a matched character. Its cost is the
-// number of (stack, candidate) checks, which for an ambiguous grammar grows
-// with every way a piece can be read (exponentially in the piece length),
-// and it cannot be stopped once started. This is the same algorithm, written
-// here so that every check is counted against `max_work`; past it the
-// request ends. Characters are matched as llama.cpp matches them, and the
-// stacks that follow a character are llama.cpp's own (llama_grammar_accept).
-
-struct cand {
-    size_t index;            // into the candidate array
-    const uint32_t *cp;      // next code point of the piece, 0-terminated
-    uint32_t partial_value;  // a partial character at the end of the piece
-    int partial_remain;      // its missing continuation bytes (0: none)
-    llama_token id;
-};
-
-// Whether code point c matches the character element list at pos
-// (CHAR / CHAR_NOT / CHAR_ANY, with CHAR_ALT and CHAR_RNG_UPPER modifiers).
-bool char_matches(const llama_grammar_element *pos, uint32_t c) {
-    const bool positive = pos->type != LLAMA_GRETYPE_CHAR_NOT;
-    bool hit = false;
-    do {
-        if (pos[1].type == LLAMA_GRETYPE_CHAR_RNG_UPPER) {
-            hit = hit || (pos[0].value <= c && c <= pos[1].value);
-            pos += 2;
-        } else {
-            hit = hit || pos->type == LLAMA_GRETYPE_CHAR_ANY || pos->value == c;
-            pos += 1;
-        }
-    } while (pos->type == LLAMA_GRETYPE_CHAR_ALT);
-    return hit == positive;
-}
-
-// Whether some completion of a partial character (its leading bits `value`,
-// `remain` continuation bytes to come) can match the element list at pos.
-bool partial_matches(const llama_grammar_element *pos, uint32_t value, int remain) {
-    if (remain <= 0 || remain > 3) return false;
-    uint32_t lo = value << (6 * remain);
-    uint32_t hi = lo | ((1u << (6 * remain)) - 1);
-    // The smallest code point with that many bytes (no overlong forms).
-    static const uint32_t least[4] = {0, 0x80, 0x800, 0x10000};
-    if (lo < least[remain]) lo = least[remain];
-    if (lo > hi) return false;
-    const bool positive = pos->type != LLAMA_GRETYPE_CHAR_NOT;
-    do {
-        if (pos[1].type == LLAMA_GRETYPE_CHAR_RNG_UPPER) {
-            // [a-z]: does the range meet [lo, hi]?
-            if (pos[0].value <= hi && lo <= pos[1].value) return positive;
-            pos += 2;
-        } else if (pos->type == LLAMA_GRETYPE_CHAR_ANY) {
-            return true;
-        } else {
-            if (lo <= pos->value && pos->value <= hi) return positive;
-            pos += 1;
-        }
-    } while (pos->type == LLAMA_GRETYPE_CHAR_ALT);
-    return !positive;
-}
-
-bool token_matches(const llama_grammar_element *pos, llama_token id) {
-    return pos->type == LLAMA_GRETYPE_TOKEN ? pos->value == (uint32_t)id : pos->value != (uint32_t)id;
-}
-
-bool is_token_element(const llama_grammar_element *pos) {
-    return pos->type == LLAMA_GRETYPE_TOKEN || pos->type == LLAMA_GRETYPE_TOKEN_NOT;
-}
-
-struct rejecter {
-    xy_grammar &g;
-    uint64_t work = 0;
-
-    void spend(uint64_t units) {
-        work += units;
-        if (work > g.max_work) {
-            throw stack_bound_exceeded("matching the candidates against the grammar took over " +
-                                       std::to_string(g.max_work) + " steps for one token");
-        }
-    }
-
-    // The stacks that follow `stack` once its top character element has
-    // matched code point c (llama.cpp's advance, deduplicated).
-    llama_grammar_stacks after_char(const llama_grammar_stack &stack, uint32_t c) {
-        llama_grammar &grammar = *g.grammar;
-        llama_grammar_stacks saved = std::move(grammar.stacks);
-        grammar.stacks = {stack};
-        try {
-            llama_grammar_accept(&grammar, c);
-        } catch (...) {
-            grammar.stacks = std::move(saved);
-            throw;
-        }
-        llama_grammar_stacks next = std::move(grammar.stacks);
-        grammar.stacks = std::move(saved);
-        spend(1 + next.size());
-        return next;
-    }
-
-    // Those of `cands` that no stack of `stacks` admits.
-    std::vector<cand> reject(const llama_grammar_stacks &stacks, std::vector<cand> cands) {
-        for (const auto &stack : stacks) {
-            if (cands.empty()) break;
-            cands = reject_for_stack(stack, cands);
-        }
-        return cands;
-    }
-
-    std::vector<cand> reject_for_stack(const llama_grammar_stack &stack, const std::vector<cand> &cands) {
-        spend(cands.size());
-        std::vector<cand> out;
-        if (stack.empty()) {
-            // The grammar is complete here: only what is already finished fits.
-            for (const cand &c : cands) {
-                if (*c.cp != 0 || c.partial_remain != 0) out.push_back(c);
-            }
-            return out;
-        }
-        const llama_grammar_element *top = stack.back();
-        if (is_token_element(top)) {
-            for (const cand &c : cands) {
-                const bool fits = *c.cp == 0 ? c.partial_remain == 0 : token_matches(top, c.id);
-                if (!fits) out.push_back(c);
-            }
-            return out;
-        }
-        std::vector<cand> deeper;
-        for (const cand &c : cands) {
-            if (*c.cp == 0) {
-                if (c.partial_remain != 0 && !partial_matches(top, c.partial_value, c.partial_remain)) {
-                    out.push_back(c);
-                }
-            } else if (char_matches(top, *c.cp)) {
-                cand next = c;
-                next.cp++;
-                deeper.push_back(next);
-            } else {
-                out.push_back(c);
-            }
-        }
-        if (!deeper.empty()) {
-            // Every matched character leads to the same stacks: the element
-            // after this character class.
-            const llama_grammar_stacks next = after_char(stack, deeper.front().cp[-1]);
-            for (const cand &c : reject(next, std::move(deeper))) out.push_back(c);
-        }
-        return out;
-    }
-};
 
 // Code points of a piece known to be UTF-8 continuing the grammar's pending
 // partial character; 0-terminated, the new partial character in *value / *remain.
@@ -399,44 +251,13 @@ void decode_piece(const std::string &piece, llama_partial_utf8 pending, std::vec
 
 void xy_grammar_apply(llama_sampler *smpl, llama_token_data_array *cur) {
     auto *g = (xy_grammar *)smpl->ctx;
-    const llama_grammar &grammar = *g->grammar;
-    bool complete = false;
-    for (const auto &stack : grammar.stacks) complete = complete || stack.empty();
-    // Decode every candidate that is UTF-8 in context; refuse the others.
-    std::vector<std::vector<uint32_t>> decoded;
-    decoded.reserve(cur->size);
-    std::vector<cand> cands;
-    cands.reserve(cur->size);
+    llama_grammar_apply_impl(*g->grammar, cur);
+    // Then strict UTF-8: what llama.cpp admitted must continue the bytes so far.
     for (size_t i = 0; i < cur->size; i++) {
         llama_token_data &c = cur->data[i];
-        if (!allowed(c.logit)) continue;
-        if (llama_vocab_is_eog(g->vocab, c.id)) {
-            if (!complete) c.logit = -INFINITY;
-            continue;
-        }
-        const std::string piece = grammar_piece(g->vocab, c.id);
-        if (piece.empty() || piece[0] == '\0' || utf8_run(g->utf8, piece) == U8_BAD) {
-            c.logit = -INFINITY;
-            continue;
-        }
-        decoded.emplace_back();
-        cand k{i, nullptr, 0, 0, c.id};
-        decode_piece(piece, grammar.partial_utf8, decoded.back(), &k.partial_value, &k.partial_remain);
-        cands.push_back(k);
+        if (!allowed(c.logit) || llama_vocab_is_eog(g->vocab, c.id)) continue;
+        if (utf8_run(g->utf8, grammar_piece(g->vocab, c.id)) == U8_BAD) c.logit = -INFINITY;
     }
-    // The code point pointers are taken once `decoded` no longer moves.
-    for (size_t j = 0; j < cands.size(); j++) cands[j].cp = decoded[j].data();
-    rejecter r{*g};
-    std::vector<cand> refused;
-    try {
-        refused = r.reject(grammar.stacks, std::move(cands));
-    } catch (...) {
-        g->last_work = r.work;
-        throw;
-    }
-    g->last_work = r.work;
-    if (r.work > g->peak_work) g->peak_work = r.work;
-    for (const cand &c : refused) cur->data[c.index].logit = -INFINITY;
 }
 
 bool token_at_top(const llama_grammar &grammar) {
