@@ -209,3 +209,11 @@ def test_invalid_bytes_forced_by_logit_bias_are_not_emitted(gemma_backend: Llama
         temperature=0.0, max_tokens=12, grammar='root ::= [^"]*',
         logit_bias={t: 100.0 for t in bad}))
     assert "\ufffd" not in out.text
+
+
+def test_accepting_an_end_token_the_grammar_does_not_allow_is_an_error(tiny_llama_path: Path) -> None:
+    # llama.cpp's own grammar stage aborted the process here (GGML_ABORT).
+    with Model(str(tiny_llama_path)) as model:
+        sampler = Sampler(model, grammar='root ::= "ab"')
+        with pytest.raises(GrammarError):
+            sampler.accept(model.eos_token)
