@@ -81,11 +81,13 @@ def _report() -> Iterator[None]:
 
 
 class Child:
-    """tests/fuzz_child.py, restarted after it dies. ``models``: the tiny
-    model, then optionally a text model and projector for media requests."""
+    """tests/fuzz_child.py (or another child ``script`` beside it),
+    restarted after it dies. ``models``: the tiny model, then optionally a
+    text model and projector for media requests."""
 
-    def __init__(self, *models: Path) -> None:
+    def __init__(self, *models: Path, script: str = "fuzz_child.py") -> None:
         self.models = models
+        self.script = script
         self.proc: subprocess.Popen[str] | None = None
         self.log: Any = None
 
@@ -96,7 +98,7 @@ class Child:
         return self.log
 
     def start(self) -> None:
-        script = Path(__file__).with_name("fuzz_child.py")
+        script = Path(__file__).with_name(self.script)
         self.proc = subprocess.Popen(
             [sys.executable, str(script), *map(str, self.models)], stdin=subprocess.PIPE,
             # stderr to a file: llama.cpp and mtmd log every request, and a full

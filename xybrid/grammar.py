@@ -31,6 +31,7 @@ __all__ = [
     "MAX_GRAMMAR_BYTES",
     "MAX_GRAMMAR_ALTERNATIONS",
     "MAX_GRAMMAR_DEPTH",
+    "MAX_GRAMMAR_STACKS",
     "JSON_OBJECT_GBNF",
     "validate_grammar",
     "json_schema_to_gbnf",
@@ -46,6 +47,14 @@ MAX_GRAMMAR_BYTES: Final[int] = 64 * 1024
 #: counted, including those inside literals, character classes and comments:
 #: the count is a cheap bound on branching, not a parse.
 MAX_GRAMMAR_ALTERNATIONS: Final[int] = 4096
+
+#: Most parse stacks a grammar may hold while it is enforced. llama.cpp keeps
+#: one stack per way the text so far can continue (``"a1" | "a2" | ...``
+#: starts with one per alternative; an ambiguous grammar multiplies them as
+#: text arrives), and each sampled token is matched against every one. Checked
+#: when the sampler is built (a :class:`GrammarError` then) and after every
+#: accepted character (the request ends with a :class:`GrammarError`).
+MAX_GRAMMAR_STACKS: Final[int] = 1024
 
 #: Deepest nesting of subschemas a JSON schema may have to be converted.
 MAX_SCHEMA_DEPTH: Final[int] = 64

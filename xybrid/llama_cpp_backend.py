@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -92,6 +93,14 @@ def execution_provider() -> str:
     import sys
 
     return "metal" if sys.platform == "darwin" else "cpu"
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where there is one)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -213,10 +222,6 @@ class LlamaCppBackend(LlmBackend):
                 verify_sha256(mmproj, config.mmproj_sha256)
         elif config.mmproj_sha256:
             raise InvalidInputError("LlmConfig.mmproj_sha256 is set but mmproj_path is not")
-        if config.parallel > config.n_batch:
-            raise InvalidInputError(
-                f"LlmConfig.parallel ({config.parallel}) must not exceed n_batch "
-                f"({config.n_batch}): every running sequence needs a row in each decode")
         gpu_layers = config.gpu_layers
         if config.rpc_servers:
             from xybrid import rpc
@@ -232,12 +237,16 @@ class LlamaCppBackend(LlmBackend):
             for server in config.rpc_servers:
                 rpc.probe(server)
             gpu_layers = rpc.remote_layers(gpu_layers)
+        # More compute threads than CPUs only slows ggml down: its threads
+        # meet at a barrier after every graph node, and 512 threads on two
+        # cores took minutes for one prompt.
+        n_threads = min(config.n_threads, _usable_cpus())
         model = _engine.Model(str(path), gpu_layers=gpu_layers, use_mmap=config.use_mmap,
                               rpc_servers=config.rpc_servers, tensor_split=config.tensor_split)
         multimodal = context = scheduler = None
         try:
             if mmproj is not None:
-                multimodal = _engine.Multimodal(model, str(mmproj), n_threads=config.n_threads,
+                multimodal = _engine.Multimodal(model, str(mmproj), n_threads=n_threads,
                                                 use_gpu=config.gpu_layers != 0,
                                                 flash_attn=config.flash_attn)
             context = _engine.Context(
@@ -245,7 +254,7 @@ class LlamaCppBackend(LlmBackend):
                 n_ctx=config.context_length,
                 n_batch=config.n_batch,
                 n_ubatch=config.n_ubatch,
-                n_threads=config.n_threads,
+                n_threads=n_threads,
                 flash_attn=config.flash_attn,
                 n_seq_max=config.parallel,
                 # Batched contexts keep only the window of sliding-window

@@ -69,6 +69,15 @@ FLOAT32_MAX: Final[float] = 3.4028234663852886e38
 #: threads (GGML_MAX_N_THREADS).
 MAX_PARALLEL: Final[int] = 256
 MAX_THREADS: Final[int] = 512
+#: Largest ``context_length`` (and ``n_batch`` / ``n_ubatch``): llama.cpp
+#: sizes per-cell bookkeeping by the context before it allocates the KV
+#: cache, so a context of 2**31 cells touched 8 GiB and took seconds before
+#: failing. 2**20 cells is past the trained context of the models this
+#: package targets; the KV cache of a context that large still has to fit.
+MAX_CONTEXT_LENGTH: Final[int] = 1 << 20
+#: Most requests that may wait for a slot (``LlmConfig.max_queued``): the
+#: scheduler allocates their queue up front (2**31 overflowed its C size).
+MAX_QUEUED: Final[int] = 1 << 16
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int, requirement: str,
@@ -408,7 +417,8 @@ class LlmConfig:
         values: dict[str, object] = {
             "model_path": model_path,
             "context_length": _check_int(
-                owner, "context_length", context_length, 1, "a positive integer"
+                owner, "context_length", context_length, 1, "a positive integer",
+                MAX_CONTEXT_LENGTH,
             ),
             "gpu_layers": _check_int(
                 owner, "gpu_layers", gpu_layers, -1, "an integer >= -1 (-1 offloads all layers)"
@@ -417,8 +427,10 @@ class LlmConfig:
                 owner, "n_threads", n_threads, 0, "an integer >= 0 (0 picks automatically)",
                 MAX_THREADS,
             ),
-            "n_batch": _check_int(owner, "n_batch", n_batch, 1, "a positive integer"),
-            "n_ubatch": _check_int(owner, "n_ubatch", n_ubatch, 1, "a positive integer"),
+            "n_batch": _check_int(owner, "n_batch", n_batch, 1, "a positive integer",
+                                  MAX_CONTEXT_LENGTH),
+            "n_ubatch": _check_int(owner, "n_ubatch", n_ubatch, 1, "a positive integer",
+                                   MAX_CONTEXT_LENGTH),
             "flash_attn": _check_bool(owner, "flash_attn", flash_attn),
             "chat_template": _check_optional_str(owner, "chat_template", chat_template),
             "use_mmap": _check_bool(owner, "use_mmap", use_mmap),
@@ -429,13 +441,22 @@ class LlmConfig:
             "parallel": _check_int(owner, "parallel", parallel, 1, "a positive integer",
                                    MAX_PARALLEL),
             "max_queued": _check_int(
-                owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)"
+                owner, "max_queued", max_queued, 0, "an integer >= 0 (0: no waiting requests)",
+                MAX_QUEUED,
             ),
             "rpc_servers": _check_rpc_servers(owner, rpc_servers),
             "tensor_split": _check_tensor_split(owner, tensor_split),
         }
         if values["tensor_split"] and not values["rpc_servers"]:
             raise InvalidInputError(f"{owner}.tensor_split is set but rpc_servers is not")
+        # Every running sequence needs a row in each decode batch, and
+        # llama.cpp cuts the batch to the context length (a causal model
+        # never decodes more tokens at once than its context holds).
+        rows = min(cast(int, values["n_batch"]), cast(int, values["context_length"]))
+        if cast(int, values["parallel"]) > rows:
+            raise InvalidInputError(
+                f"{owner}.parallel ({values['parallel']}) must not exceed min(n_batch, "
+                f"context_length) ({rows}): every running sequence needs a row in each decode")
         for name, value in values.items():
             object.__setattr__(self, name, value)
 

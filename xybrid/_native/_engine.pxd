@@ -68,12 +68,17 @@ cdef extern from "xy_shim.h" nogil:
         XY_SAMPLE_NO_LOGITS
         XY_SAMPLE_GRAMMAR_BLOCKED
         XY_SAMPLE_EXCEPTION
+        XY_SAMPLE_GRAMMAR_TOO_COMPLEX
         XY_CALL_FAILED
     llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                           int32_t idx, llama_token_data * cur, int32_t n_vocab, int argmax)
-    llama_sampler * xy_grammar_init(const llama_vocab * vocab, const char * grammar, const char * root)
+    llama_sampler * xy_grammar_init(const llama_vocab * vocab, const char * grammar, const char * root,
+                                    int64_t max_stacks, int64_t max_work, int64_t * n_stacks)
+    int xy_grammar_stats(llama_sampler * grammar, int64_t * n_stacks, int64_t * last_work,
+                         int64_t * peak_work)
     int xy_sampler_accept(llama_sampler * smpl, llama_token token)
     int xy_sampler_reset(llama_sampler * smpl)
+    int xy_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur)
     int32_t xy_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                         llama_token * tokens, int32_t n_tokens_max, int add_special, int parse_special)
     int32_t xy_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf,

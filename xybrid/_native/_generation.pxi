@@ -783,6 +783,8 @@ cdef class Generation:
             if g.error_code == XY_SAMPLE_GRAMMAR_BLOCKED:
                 return GrammarError("the grammar allows no token of this vocabulary at this "
                                     "point of the reply, so it cannot be completed")
+            if g.error_code == XY_SAMPLE_GRAMMAR_TOO_COMPLEX:
+                return GrammarError(grammar_bound_message(take_log_tail().strip()))
             if g.error_code == XY_SAMPLE_EXCEPTION:
                 reason = take_log_tail().strip()
                 return GenerationError("llama.cpp failed while sampling"

@@ -125,19 +125,29 @@ cdef class Sampler:
         cdef bytes bgrammar, broot
         cdef llama_logit_bias * cbias
         cdef int32_t k
+        cdef int64_t n_stacks = -1
         if grammar is not None:
             # Proven able to produce output before llama.cpp sees it (empty
             # classes, token ids past the vocabulary, left recursion, rules
             # that never finish, ...): see xybrid.grammar.validate_grammar.
-            from xybrid.grammar import validate_grammar  # not at import: it loads typing
+            from xybrid.grammar import (  # not at import: it loads typing
+                MAX_GRAMMAR_STACKS, validate_grammar)
 
             validate_grammar(grammar, n_vocab=self.n_vocab, root=grammar_root)
             bgrammar = encode_text(grammar, "grammar")
             broot = encode_text(grammar_root, "grammar root")
             take_log_tail()
-            self.grammar = xy_grammar_init(model.vocab, bgrammar, broot)
+            # The work bound (see xy_shim.cpp): parse stacks at any point.
+            self.grammar = xy_grammar_init(model.vocab, bgrammar, broot, MAX_GRAMMAR_STACKS,
+                                           0x7FFFFFFFFFFFFFFF, &n_stacks)
             if self.grammar == NULL:
                 reason = take_log_tail()
+                if n_stacks > MAX_GRAMMAR_STACKS:
+                    raise GrammarError(
+                        f"the grammar can start in {n_stacks} ways (llama.cpp parse stacks), "
+                        f"over the limit of MAX_GRAMMAR_STACKS = {MAX_GRAMMAR_STACKS}: every "
+                        f"token would be matched against each of them; factor the common "
+                        f"prefixes of the alternatives out")
                 raise GrammarError("llama.cpp rejected the grammar" + (f": {reason}" if reason else ""))
             self.candidates = <llama_token_data *> malloc(self.n_vocab * sizeof(llama_token_data))
             if self.candidates == NULL:
@@ -203,7 +213,10 @@ cdef class Sampler:
     def accept(self, int token):
         """Tell the chain a token was emitted (penalties and grammar track it)."""
         self.model.check_token(token)
-        if self.grammar != NULL and xy_sampler_accept(self.grammar, token) != 0:
+        cdef int rc = xy_sampler_accept(self.grammar, token) if self.grammar != NULL else 0
+        if rc == -2:
+            raise GrammarError(grammar_bound_message(take_log_tail().strip()))
+        if rc != 0:
             raise GrammarError(f"the grammar does not allow token {token} here: "
                                + take_log_tail().strip())
         if xy_sampler_accept(self.ptr, token) != 0:
@@ -225,12 +238,60 @@ cdef class Sampler:
             tok = self.draw(context.ptr, index)
         if tok == XY_SAMPLE_GRAMMAR_BLOCKED:
             raise GrammarError("the grammar allows no token of this vocabulary at this point")
+        if tok == XY_SAMPLE_GRAMMAR_TOO_COMPLEX:
+            raise GrammarError(grammar_bound_message(take_log_tail().strip()))
         if tok == XY_SAMPLE_EXCEPTION:
             raise GenerationError("llama.cpp failed while sampling: " + take_log_tail().strip())
         if tok < 0:
             raise GenerationError("sampling found no candidate token")
         return tok
 
+    def admitted(self):
+        """The token ids the grammar admits next (all of them without a
+        grammar): the grammar stage, strict UTF-8 included, applied to the
+        whole vocabulary. For tests and diagnostics; costs a full scan."""
+        self.model.check_open()
+        if self.grammar == NULL:
+            return list(range(self.n_vocab))
+        cdef int32_t i
+        for i in range(self.n_vocab):
+            self.candidates[i].id = i
+            self.candidates[i].logit = 0.0
+            self.candidates[i].p = 0.0
+        cdef llama_token_data_array arr
+        arr.data = self.candidates
+        arr.size = self.n_vocab
+        arr.selected = -1
+        arr.sorted = False
+        take_log_tail()
+        cdef int rc = xy_sampler_apply(self.grammar, &arr)
+        if rc == -2:
+            raise GrammarError(grammar_bound_message(take_log_tail().strip()))
+        if rc != 0:
+            raise GenerationError("llama.cpp failed while applying the grammar: "
+                                  + take_log_tail().strip())
+        return [self.candidates[i].id for i in range(self.n_vocab)
+                if self.candidates[i].logit != -math.inf]
+
+    @property
+    def grammar_stats(self):
+        """``{"stacks": parse stacks now, "last_work": work units of the last
+        candidate rejection, "peak_work": the most one has spent}``, or
+        ``None`` without a grammar (the work counters stay 0 for now)."""
+        cdef int64_t n_stacks = 0, last_work = 0, peak_work = 0
+        if self.grammar == NULL or xy_grammar_stats(self.grammar, &n_stacks, &last_work, &peak_work) != 0:
+            return None
+        return {"stacks": n_stacks, "last_work": last_work, "peak_work": peak_work}
+
     @property
     def n_stages(self):
         return llama_sampler_chain_n(self.ptr)
+
+
+def grammar_bound_message(detail):
+    """The GrammarError text for a request ended by the grammar's stack bound."""
+    from xybrid.grammar import MAX_GRAMMAR_STACKS
+    return ("the grammar passed its work bound (MAX_GRAMMAR_STACKS = "
+            f"{MAX_GRAMMAR_STACKS} parse stacks): it is too ambiguous or branches "
+            "too widely to be enforced at a bounded cost per token"
+            + (f" ({detail})" if detail else ""))

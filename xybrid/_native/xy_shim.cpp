@@ -17,6 +17,14 @@
 #include <cstdio>
 #include <exception>
 #include <new>
+#include <stdexcept>
+#include <string>
+
+// llama.cpp's internal grammar API (llama_grammar_init_impl, _apply_impl,
+// _accept, ...): exported by libllama, declared only in this header of the
+// pinned source. The engine owns its grammar through these (see xy_grammar
+// below) so that it can bound the parse stacks and hold pieces to UTF-8.
+#include "llama-grammar.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -105,6 +113,273 @@ int32_t first_max(const float *x, int32_t n) {
 
 bool allowed(float logit) { return !(std::isinf(logit) && logit < 0); }
 
+// ---------------------------------------------------------------------------
+// The grammar stage: llama.cpp's grammar, owned here.
+//
+// Two things llama.cpp's own grammar sampler does not do:
+//
+// - Bounded stacks. llama.cpp keeps one parse stack per way the text so far
+//   can continue, and every token costs work in proportion to that count
+//   (each candidate of the vocabulary is matched against every stack). A
+//   grammar with thousands of alternatives at one position, or an ambiguous
+//   one whose stacks multiply as text arrives, makes each token hundreds of
+//   times slower. The count is checked after the grammar is built and after
+//   every accepted code point; past `max_stacks` the request ends
+//   (stack_bound_exceeded, turned into XY_SAMPLE_GRAMMAR_TOO_COMPLEX).
+//   llama.cpp's candidate matching itself (llama_grammar_apply_impl) is not
+//   bounded: it explores every reading of a piece, which for a grammar of
+//   nested optional rules inside a repetition is exponential in the piece
+//   length while the stack count stays small.
+// - Strict UTF-8. llama.cpp decodes token pieces leniently: a lead byte
+//   F5..FF, an overlong form (C0 80, E0 80 80), a UTF-16 surrogate (ED A0 80)
+//   or a code point past U+10FFFF passes any "." or negated class, and the
+//   reply then holds bytes that are not UTF-8. Each admitted piece is checked
+//   against a UTF-8 automaton continuing from the bytes accepted so far.
+
+// States of the UTF-8 automaton: what the next byte must be.
+enum : uint8_t {
+    U8_START = 0,  // at a character boundary
+    U8_TAIL1,      // one more continuation byte (80..BF)
+    U8_TAIL2,      // two more
+    U8_TAIL3,      // three more
+    U8_E0,         // after E0: A0..BF, then one more
+    U8_ED,         // after ED: 80..9F (no surrogates), then one more
+    U8_F0,         // after F0: 90..BF, then two more
+    U8_F4,         // after F4: 80..8F (nothing past U+10FFFF), then two more
+    U8_BAD,        // not UTF-8
+};
+
+uint8_t utf8_step(uint8_t state, unsigned char b) {
+    auto in = [b](unsigned lo, unsigned hi) { return lo <= b && b <= hi; };
+    switch (state) {
+    case U8_START:
+        if (b < 0x80) return U8_START;
+        if (in(0xC2, 0xDF)) return U8_TAIL1;
+        if (b == 0xE0) return U8_E0;
+        if (b == 0xED) return U8_ED;
+        if (in(0xE1, 0xEF)) return U8_TAIL2;
+        if (b == 0xF0) return U8_F0;
+        if (in(0xF1, 0xF3)) return U8_TAIL3;
+        if (b == 0xF4) return U8_F4;
+        return U8_BAD;
+    case U8_TAIL1: return in(0x80, 0xBF) ? U8_START : U8_BAD;
+    case U8_TAIL2: return in(0x80, 0xBF) ? U8_TAIL1 : U8_BAD;
+    case U8_TAIL3: return in(0x80, 0xBF) ? U8_TAIL2 : U8_BAD;
+    case U8_E0: return in(0xA0, 0xBF) ? U8_TAIL1 : U8_BAD;
+    case U8_ED: return in(0x80, 0x9F) ? U8_TAIL1 : U8_BAD;
+    case U8_F0: return in(0x90, 0xBF) ? U8_TAIL2 : U8_BAD;
+    case U8_F4: return in(0x80, 0x8F) ? U8_TAIL2 : U8_BAD;
+    default: return U8_BAD;
+    }
+}
+
+uint8_t utf8_run(uint8_t state, const std::string &bytes) {
+    for (unsigned char b : bytes) {
+        state = utf8_step(state, b);
+        if (state == U8_BAD) break;
+    }
+    return state;
+}
+
+// A bound of the grammar's work was passed: the request ends with
+// XY_SAMPLE_GRAMMAR_TOO_COMPLEX (never reaches Python as an exception).
+struct stack_bound_exceeded : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct xy_grammar {
+    const llama_vocab *vocab;
+    std::string text;
+    std::string root;
+    size_t max_stacks;
+    uint64_t max_work;  // reserved: a bound on one apply's work is not enforced yet
+    llama_grammar *grammar;
+    uint8_t utf8;  // automaton state after the accepted pieces
+    uint64_t last_work = 0;  // what the last apply spent
+    uint64_t peak_work = 0;  // the most one apply has spent
+};
+
+// The piece llama.cpp's grammar matches for a token (special tokens as text).
+std::string grammar_piece(const llama_vocab *vocab, llama_token id) {
+    char small[128];
+    int32_t n = llama_token_to_piece(vocab, id, small, sizeof(small), 0, true);
+    if (n >= 0) return std::string(small, (size_t)n);
+    std::string big((size_t)-n, '\0');
+    n = llama_token_to_piece(vocab, id, &big[0], (int32_t)big.size(), 0, true);
+    if (n < 0) throw std::runtime_error("token_to_piece: piece does not fit");
+    big.resize((size_t)n);
+    return big;
+}
+
+void check_stacks(const xy_grammar &g) {
+    if (g.grammar->stacks.size() > g.max_stacks) {
+        throw stack_bound_exceeded("the grammar has " + std::to_string(g.grammar->stacks.size()) +
+                                   " parse stacks, over the limit of " + std::to_string(g.max_stacks));
+    }
+}
+
+const char *xy_grammar_name(const llama_sampler *) { return "xybrid-grammar"; }
+
+// Code points of a piece known to be UTF-8 continuing the grammar's pending
+// partial character; 0-terminated, the new partial character in *value / *remain.
+void decode_piece(const std::string &piece, llama_partial_utf8 pending, std::vector<uint32_t> &out,
+                  uint32_t *value_out, int *remain_out) {
+    uint32_t value = pending.value;
+    int remain = pending.n_remain > 0 ? pending.n_remain : 0;
+    for (unsigned char b : piece) {
+        if (remain > 0) {
+            value = (value << 6) | (b & 0x3Fu);
+            remain--;
+        } else if (b < 0x80) {
+            value = b;
+        } else if (b < 0xE0) {
+            value = b & 0x1Fu;
+            remain = 1;
+        } else if (b < 0xF0) {
+            value = b & 0x0Fu;
+            remain = 2;
+        } else {
+            value = b & 0x07u;
+            remain = 3;
+        }
+        if (remain == 0) out.push_back(value);
+    }
+    out.push_back(0);
+    *value_out = remain > 0 ? value : 0;
+    *remain_out = remain;
+}
+
+void xy_grammar_apply(llama_sampler *smpl, llama_token_data_array *cur) {
+    auto *g = (xy_grammar *)smpl->ctx;
+    llama_grammar_apply_impl(*g->grammar, cur);
+    // Then strict UTF-8: what llama.cpp admitted must continue the bytes so far.
+    for (size_t i = 0; i < cur->size; i++) {
+        llama_token_data &c = cur->data[i];
+        if (!allowed(c.logit) || llama_vocab_is_eog(g->vocab, c.id)) continue;
+        if (utf8_run(g->utf8, grammar_piece(g->vocab, c.id)) == U8_BAD) c.logit = -INFINITY;
+    }
+}
+
+bool token_at_top(const llama_grammar &grammar) {
+    for (const auto &stack : grammar.stacks) {
+        if (!stack.empty() && (stack.back()->type == LLAMA_GRETYPE_TOKEN ||
+                               stack.back()->type == LLAMA_GRETYPE_TOKEN_NOT)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool any_complete(const llama_grammar &grammar) {
+    for (const auto &stack : grammar.stacks) {
+        if (stack.empty()) return true;
+    }
+    return false;
+}
+
+// Accept a token one code point at a time, the stack count checked after
+// each: llama.cpp's own accept walks every stack through the whole piece
+// before it looks at the count, so one token of an ambiguous grammar could
+// already cost exponential work. Token elements (<[id]>) at the top of a
+// stack, and pieces that are not UTF-8 here (only Sampler.accept can bring
+// one), go through llama.cpp's accept as they are.
+void xy_grammar_accept(llama_sampler *smpl, llama_token token) {
+    auto *g = (xy_grammar *)smpl->ctx;
+    llama_grammar &grammar = *g->grammar;
+    if (llama_vocab_is_eog(g->vocab, token)) {
+        // llama.cpp aborts the process on an end token the grammar does not allow.
+        if (!any_complete(grammar)) throw std::runtime_error("the grammar is not complete at an end-of-generation token");
+        return;
+    }
+    const std::string piece = grammar_piece(g->vocab, token);
+    const uint8_t after = utf8_run(g->utf8, piece);
+    if (after == U8_BAD || token_at_top(grammar)) {
+        llama_grammar_accept_impl(grammar, token);
+        if (after != U8_BAD) {
+            g->utf8 = after;
+        } else {
+            // Follow llama.cpp's own idea of a pending partial character.
+            const int left = grammar.partial_utf8.n_remain;
+            g->utf8 = left == 1 ? U8_TAIL1 : left == 2 ? U8_TAIL2 : left == 3 ? U8_TAIL3 : U8_START;
+        }
+        check_stacks(*g);
+        return;
+    }
+    // The piece is UTF-8 continuing the pending partial character, if any:
+    // one code point at a time, as llama.cpp decodes it.
+    std::vector<uint32_t> cps;
+    uint32_t value = 0;
+    int remain = 0;
+    decode_piece(piece, grammar.partial_utf8, cps, &value, &remain);
+    for (size_t k = 0; cps[k] != 0; k++) {
+        llama_grammar_accept(&grammar, cps[k]);
+        if (grammar.stacks.empty()) {
+            throw std::runtime_error("the grammar does not allow the piece of token " + std::to_string(token));
+        }
+        check_stacks(*g);
+    }
+    grammar.partial_utf8 = llama_partial_utf8{value, remain};
+    g->utf8 = after;
+}
+
+llama_grammar *build_grammar(const llama_vocab *vocab, const std::string &text, const std::string &root) {
+    return llama_grammar_init_impl(vocab, text.c_str(), root.c_str(), false, nullptr, 0, nullptr, 0);
+}
+
+void xy_grammar_reset(llama_sampler *smpl) {
+    auto *g = (xy_grammar *)smpl->ctx;
+    llama_grammar *fresh = build_grammar(g->vocab, g->text, g->root);
+    if (fresh == nullptr) throw std::runtime_error("the grammar could not be rebuilt");
+    llama_grammar_free_impl(g->grammar);
+    g->grammar = fresh;
+    g->utf8 = U8_START;
+}
+
+void xy_grammar_free(llama_sampler *smpl) {
+    auto *g = (xy_grammar *)smpl->ctx;
+    if (g == nullptr) return;
+    if (g->grammar != nullptr) llama_grammar_free_impl(g->grammar);
+    delete g;
+}
+
+llama_sampler_i xy_grammar_iface = {
+    /* .name              = */ xy_grammar_name,
+    /* .accept            = */ xy_grammar_accept,
+    /* .apply             = */ xy_grammar_apply,
+    /* .reset             = */ xy_grammar_reset,
+    /* .clone             = */ nullptr,
+    /* .free              = */ xy_grammar_free,
+    /* .backend_init      = */ nullptr,
+    /* .backend_accept    = */ nullptr,
+    /* .backend_apply     = */ nullptr,
+    /* .backend_set_input = */ nullptr,
+    /* .backend_reset     = */ nullptr,
+    /* .copy_state        = */ nullptr,
+};
+
+llama_sampler *grammar_init(const llama_vocab *vocab, const char *text, const char *root, size_t max_stacks,
+                            uint64_t max_work, int64_t *n_stacks) {
+    *n_stacks = -1;
+    auto *g = new xy_grammar{vocab, text, root, max_stacks, max_work, nullptr, U8_START};
+    llama_sampler *smpl = nullptr;
+    try {
+        g->grammar = build_grammar(vocab, g->text, g->root);
+        if (g->grammar != nullptr) {
+            *n_stacks = (int64_t)g->grammar->stacks.size();
+            if (g->grammar->stacks.size() <= max_stacks) smpl = llama_sampler_init(&xy_grammar_iface, g);
+        }
+    } catch (...) {
+        if (g->grammar != nullptr) llama_grammar_free_impl(g->grammar);
+        delete g;
+        throw;
+    }
+    if (smpl == nullptr) {
+        if (g->grammar != nullptr) llama_grammar_free_impl(g->grammar);
+        delete g;
+    }
+    return smpl;
+}
+
 llama_token sample(llama_sampler *chain, llama_sampler *grammar, llama_context *ctx, int32_t idx,
                    llama_token_data *cur, int32_t n_vocab, int argmax) {
     if (argmax && grammar == nullptr) {
@@ -158,18 +433,54 @@ extern "C" {
 
 llama_token xy_sample(llama_sampler *chain, llama_sampler *grammar, llama_context *ctx, int32_t idx,
                       llama_token_data *cur, int32_t n_vocab, int argmax) {
-    return guarded("sampling", (llama_token)XY_SAMPLE_EXCEPTION,
-                   [&] { return sample(chain, grammar, ctx, idx, cur, n_vocab, argmax); });
+    return guarded("sampling", (llama_token)XY_SAMPLE_EXCEPTION, [&] {
+        try {
+            return sample(chain, grammar, ctx, idx, cur, n_vocab, argmax);
+        } catch (const stack_bound_exceeded &e) {
+            report("grammar", e.what());
+            return (llama_token)XY_SAMPLE_GRAMMAR_TOO_COMPLEX;
+        }
+    });
 }
 
-llama_sampler *xy_grammar_init(const llama_vocab *vocab, const char *grammar, const char *root) {
-    return guarded("grammar", (llama_sampler *)nullptr,
-                   [&] { return llama_sampler_init_grammar(vocab, grammar, root); });
+llama_sampler *xy_grammar_init(const llama_vocab *vocab, const char *grammar, const char *root,
+                               int64_t max_stacks, int64_t max_work, int64_t *n_stacks) {
+    *n_stacks = -1;
+    if (max_stacks < 1 || max_work < 1) return nullptr;
+    return guarded("grammar", (llama_sampler *)nullptr, [&] {
+        return grammar_init(vocab, grammar, root, (size_t)max_stacks, (uint64_t)max_work, n_stacks);
+    });
+}
+
+int xy_grammar_stats(llama_sampler *grammar, int64_t *n_stacks, int64_t *last_work, int64_t *peak_work) {
+    if (grammar == nullptr || grammar->iface != &xy_grammar_iface) return -1;
+    const auto *g = (const xy_grammar *)grammar->ctx;
+    *n_stacks = (int64_t)g->grammar->stacks.size();
+    *last_work = (int64_t)g->last_work;
+    *peak_work = (int64_t)g->peak_work;
+    return 0;
 }
 
 int xy_sampler_accept(llama_sampler *smpl, llama_token token) {
     return guarded("sampler accept", -1, [&] {
-        llama_sampler_accept(smpl, token);
+        try {
+            llama_sampler_accept(smpl, token);
+        } catch (const stack_bound_exceeded &e) {
+            report("grammar", e.what());
+            return -2;
+        }
+        return 0;
+    });
+}
+
+int xy_sampler_apply(llama_sampler *smpl, llama_token_data_array *cur) {
+    return guarded("sampler apply", -1, [&] {
+        try {
+            llama_sampler_apply(smpl, cur);
+        } catch (const stack_bound_exceeded &e) {
+            report("grammar", e.what());
+            return -2;
+        }
         return 0;
     });
 }

@@ -12,6 +12,7 @@
 #define XY_SAMPLE_NO_LOGITS (-1)       /* no logits for that output row */
 #define XY_SAMPLE_GRAMMAR_BLOCKED (-2) /* the grammar allows no token here */
 #define XY_SAMPLE_EXCEPTION (-3)       /* llama.cpp threw (message in the log tail) */
+#define XY_SAMPLE_GRAMMAR_TOO_COMPLEX (-4) /* the grammar's parse stacks passed their bound */
 
 /* The other wrappers return this when llama.cpp threw: no real result of
  * theirs is this negative. */
@@ -27,12 +28,26 @@ extern "C" {
 llama_token xy_sample(struct llama_sampler *chain, struct llama_sampler *grammar,
                       struct llama_context *ctx, int32_t idx, llama_token_data *cur,
                       int32_t n_vocab, int argmax);
-/* llama_sampler_init_grammar; NULL when llama.cpp refuses or throws. */
+/* A grammar stage (llama.cpp's grammar with the parse-stack and work bounds
+ * and strict UTF-8 pieces, see xy_shim.cpp); NULL when llama.cpp refuses or
+ * throws, or when the grammar starts with more than max_stacks parse stacks.
+ * max_work bounds the work units of one candidate rejection. *n_stacks:
+ * the stacks it starts with, -1 when it was not built. */
 struct llama_sampler *xy_grammar_init(const struct llama_vocab *vocab, const char *grammar,
-                                      const char *root);
-/* 0, or -1 when llama.cpp threw. */
+                                      const char *root, int64_t max_stacks, int64_t max_work,
+                                      int64_t *n_stacks);
+/* A stage from xy_grammar_init: its parse stacks now, the work units its last
+ * candidate rejection spent and the most one spent. 0, or -1 for any other
+ * sampler. */
+int xy_grammar_stats(struct llama_sampler *grammar, int64_t *n_stacks, int64_t *last_work,
+                     int64_t *peak_work);
+/* 0, -1 when llama.cpp threw, -2 (xy_sampler_accept on a grammar stage) when
+ * the token took the parse stacks past their bound. */
 int xy_sampler_accept(struct llama_sampler *smpl, llama_token token);
 int xy_sampler_reset(struct llama_sampler *smpl);
+/* llama_sampler_apply; 0, -1 when llama.cpp threw, -2 when a grammar stage
+ * passed its work bound. */
+int xy_sampler_apply(struct llama_sampler *smpl, llama_token_data_array *cur);
 /* As llama.cpp's functions of the same name, or XY_CALL_FAILED. */
 int32_t xy_tokenize(const struct llama_vocab *vocab, const char *text, int32_t text_len,
                     llama_token *tokens, int32_t n_tokens_max, int add_special, int parse_special);
