@@ -5,6 +5,10 @@
   ends its request with a ``GrammarError`` naming the bound within moments, in the single-sequence loop and in the batching scheduler
   (the other sequences of the batch are unaffected), and the backend then
   answers as a fresh one does.
+- A repetition of something that can match nothing (``(a? b?)*``, where
+  llama.cpp's candidate matching explores every way of splitting a piece
+  between empty and non-empty copies, exponential in its length) is refused
+  by the validator, before llama.cpp sees it.
 - UTF-8: every token a grammar admits, at every step, continues the reply as
   valid UTF-8 (llama.cpp's grammar alone lets lead bytes F5..FF, overlong
   forms, surrogates and code points past U+10FFFF through "." and negated
@@ -22,11 +26,12 @@ import pytest
 from xybrid import GenerationConfig, LlamaCppBackend, LlmConfig
 from xybrid._native._engine import Model, Sampler
 from xybrid.errors import GrammarError
-from xybrid.grammar import MAX_GRAMMAR_STACKS, json_schema_to_gbnf
+from xybrid.grammar import MAX_GRAMMAR_STACKS, json_schema_to_gbnf, validate_grammar
 
 WIDE = "root ::= (" + " | ".join(f'"a{i}"' for i in range(MAX_GRAMMAR_STACKS + 1)) + ")"
 # Optional rules inside a repetition: every character can be read in many
-# ways, and llama.cpp's candidate matching explores each of them.
+# ways, and llama.cpp's candidate matching explores each of them (16 tokens
+# of an eight-optional version did not finish in 5 minutes).
 AMBIGUOUS = ('root ::= (a? b? c? d?)*\na ::= [a-z ]?\nb ::= [a-z ]?\nc ::= [a-z ]?\n'
              'd ::= [a-z ]?')
 # Each character doubles the parse stacks (two ways to close every opening).
@@ -61,6 +66,34 @@ def test_grammar_whose_stacks_multiply_ends_with_a_grammar_error(tiny_backend: L
                                                            grammar=DOUBLING))
     assert time.monotonic() - t0 < 20
     assert _reference(tiny_backend) == reference
+
+
+@pytest.mark.parametrize("grammar", [
+    AMBIGUOUS,
+    'root ::= ("a"? "b"? "c"? "d"? "e"? "f"? "g"? "h"?)*',
+    'root ::= x+\nx ::= "a"? "b"?',
+    'root ::= ("a"?){0,8} "b"',
+    'root ::= ("a"*)* "b"',
+    'root ::= (x | "b")*\nx ::= ""',
+])
+def test_a_repetition_of_what_can_match_nothing_is_refused(tiny_backend: LlamaCppBackend,
+                                                           grammar: str) -> None:
+    reference = _reference(tiny_backend)
+    with pytest.raises(GrammarError, match="can match the empty string"):
+        validate_grammar(grammar)
+    with pytest.raises(GrammarError, match="can match the empty string"):
+        tiny_backend.generate_raw(PROMPT, GenerationConfig(max_tokens=16, grammar=grammar))
+    assert _reference(tiny_backend) == reference
+
+
+def test_the_same_languages_written_without_it_run(tiny_backend: LlamaCppBackend) -> None:
+    for grammar in ('root ::= (a | b | c | d)*\na ::= [a-z ]\nb ::= [a-z ]\nc ::= [a-z ]\n'
+                    'd ::= [a-z ]',
+                    'root ::= ("a"? "b"? "c"? "d"? "e"? "f"? "g"? "h"? ";")*',
+                    'root ::= ("a"?){1} "b"'):
+        validate_grammar(grammar)
+        out = tiny_backend.generate_raw(PROMPT, GenerationConfig.greedy(max_tokens=16, grammar=grammar))
+        assert out.tokens_generated > 0
 
 
 def test_bounded_failure_in_a_batch_spares_the_other_sequences(tiny_llama_path: Path) -> None:

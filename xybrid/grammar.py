@@ -351,6 +351,8 @@ class _GbnfChecker:
             elif c in "*+?":
                 if not has_item:
                     raise self.error(pos, f"'{c}' has nothing before it to repeat")
+                if c != "?":
+                    items[-1].repeated(start)
                 if c != "+":
                     items[-1] = items[-1].optional()
                 pos = self.space(pos + 1, nested)
@@ -358,7 +360,9 @@ class _GbnfChecker:
             elif c == "{":
                 if not has_item:
                     raise self.error(pos, "'{' has nothing before it to repeat")
-                pos, low = self.repetition(pos, nested)
+                pos, low, high = self.repetition(pos, nested)
+                if high is None or high > 1:
+                    items[-1].repeated(start)
                 if low == 0:
                     items[-1] = items[-1].optional()
                 continue
@@ -393,13 +397,16 @@ class _GbnfChecker:
             raise self.error(start, "unterminated token reference '<'")
         return close + 1
 
-    def repetition(self, pos: int, nested: bool) -> tuple[int, int]:
+    def repetition(self, pos: int, nested: bool) -> tuple[int, int, int | None]:
+        """``{m}``, ``{m,}`` or ``{m,n}`` at ``pos``: (end, m, n), n None when unbounded."""
         start = pos
         pos = self.space(pos + 1, nested)
         end = self.int_end(pos)
         low = int(self.src[pos:end])
+        high: int | None = low
         pos = self.space(end, nested)
         if self.at(pos) == ",":
+            high = None
             pos = self.space(pos + 1, nested)
             if self.at(pos).isascii() and self.at(pos).isdigit():
                 end = self.int_end(pos)
@@ -416,7 +423,7 @@ class _GbnfChecker:
                 start,
                 f"repetition count {low} is over llama.cpp's limit of {_LLAMA_MAX_REPETITION}",
             )
-        return self.space(pos + 1, nested), low
+        return self.space(pos + 1, nested), low, high
 
 
 def _is_character(cp: int) -> bool:
@@ -462,7 +469,8 @@ def _class_matches_something(ranges: list[tuple[int, int]], negated: bool) -> bo
 class _Item:
     """One element of a GBNF sequence, as far as the analysis needs it."""
 
-    __slots__ = ("kind", "pos", "ref", "group", "token", "nullable_by_repeat")
+    __slots__ = ("kind", "pos", "ref", "group", "token", "nullable_by_repeat", "repeat_pos",
+                 "body_optional")
 
     def __init__(self, kind: str, pos: int, *, ref: str = "",
                  group: list[list[_Item]] | None = None, token: int | None = None) -> None:
@@ -472,6 +480,13 @@ class _Item:
         self.group = group or []
         self.token = token
         self.nullable_by_repeat = False
+        self.repeat_pos = -1  # where a "*", "+" or "{m,n}" (n > 1) repeats it
+        self.body_optional = False  # it could match nothing before that operator
+
+    def repeated(self, pos: int) -> None:
+        """This item may occur more than once (the operator at ``pos``)."""
+        self.repeat_pos = pos
+        self.body_optional = self.nullable_by_repeat
 
     def optional(self) -> _Item:
         """This item under ``*``, ``?`` or ``{0,...}``: it may match nothing."""
@@ -494,6 +509,7 @@ class _GbnfAnalysis:
         self._check_tokens()
         self._fixpoints()
         self._check_left_recursion()
+        self._check_repeated_nullables()
         self._check_finishes()
 
     # -- item predicates, given the current rule tables ---------------------
@@ -591,6 +607,30 @@ class _GbnfAnalysis:
                     state[nxt] = 1
                     path.append(nxt)
                     stack.append(iter(edges[nxt]))
+
+    def _check_repeated_nullables(self) -> None:
+        """A repetition of something that can match nothing (``(a? b?)*``):
+        llama.cpp expands ``x*`` into ``r ::= x r | ""``, left recursion
+        hidden behind ``x``, and its candidate matching then explores every
+        way of splitting a token's text between empty and non-empty copies,
+        which grows exponentially with the piece (16 tokens did not finish in
+        5 minutes with eight optionals). The same language is always written
+        without it, e.g. ``(a | b)*`` for ``(a? b?)*``."""
+        for name, alts in self.rules.items():
+            for item in self._walk(alts):
+                if item.repeat_pos < 0:
+                    continue
+                body = item.body_optional or (
+                    self.nullable.get(item.ref, False) if item.kind == "ref" else
+                    item.kind == "group" and any(all(self._item_nullable(i) for i in alt)
+                                                 for alt in item.group))
+                if body:
+                    raise GrammarError(
+                        f"rule {name!r} repeats something that can match the empty string "
+                        f"(the repetition at offset {item.repeat_pos}); llama.cpp's matching "
+                        "of such a repetition grows exponentially with each token's text. "
+                        "Write the repeated part so that it always consumes text, e.g. "
+                        "(a | b)* instead of (a? b?)*")
 
     def _check_finishes(self) -> None:
         seen = {self.root}

@@ -73,9 +73,8 @@ cdef extern from "xy_shim.h" nogil:
     llama_token xy_sample(llama_sampler * chain, llama_sampler * grammar, llama_context * ctx,
                           int32_t idx, llama_token_data * cur, int32_t n_vocab, int argmax)
     llama_sampler * xy_grammar_init(const llama_vocab * vocab, const char * grammar, const char * root,
-                                    int64_t max_stacks, int64_t max_work, int64_t * n_stacks)
-    int xy_grammar_stats(llama_sampler * grammar, int64_t * n_stacks, int64_t * last_work,
-                         int64_t * peak_work)
+                                    int64_t max_stacks, int64_t * n_stacks)
+    int xy_grammar_stats(llama_sampler * grammar, int64_t * n_stacks)
     int xy_sampler_accept(llama_sampler * smpl, llama_token token)
     int xy_sampler_reset(llama_sampler * smpl)
     int xy_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur)

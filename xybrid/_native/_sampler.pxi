@@ -139,7 +139,7 @@ cdef class Sampler:
             take_log_tail()
             # The work bound (see xy_shim.cpp): parse stacks at any point.
             self.grammar = xy_grammar_init(model.vocab, bgrammar, broot, MAX_GRAMMAR_STACKS,
-                                           0x7FFFFFFFFFFFFFFF, &n_stacks)
+                                           &n_stacks)
             if self.grammar == NULL:
                 reason = take_log_tail()
                 if n_stacks > MAX_GRAMMAR_STACKS:
@@ -275,13 +275,12 @@ cdef class Sampler:
 
     @property
     def grammar_stats(self):
-        """``{"stacks": parse stacks now, "last_work": work units of the last
-        candidate rejection, "peak_work": the most one has spent}``, or
-        ``None`` without a grammar (the work counters stay 0 for now)."""
-        cdef int64_t n_stacks = 0, last_work = 0, peak_work = 0
-        if self.grammar == NULL or xy_grammar_stats(self.grammar, &n_stacks, &last_work, &peak_work) != 0:
+        """``{"stacks": parse stacks now}``, or ``None`` without a grammar.
+        See :data:`xybrid.grammar.MAX_GRAMMAR_STACKS`."""
+        cdef int64_t n_stacks = 0
+        if self.grammar == NULL or xy_grammar_stats(self.grammar, &n_stacks) != 0:
             return None
-        return {"stacks": n_stacks, "last_work": last_work, "peak_work": peak_work}
+        return {"stacks": n_stacks}
 
     @property
     def n_stages(self):

@@ -127,9 +127,10 @@ bool allowed(float logit) { return !(std::isinf(logit) && logit < 0); }
 //   every accepted code point; past `max_stacks` the request ends
 //   (stack_bound_exceeded, turned into XY_SAMPLE_GRAMMAR_TOO_COMPLEX).
 //   llama.cpp's candidate matching itself (llama_grammar_apply_impl) is not
-//   bounded: it explores every reading of a piece, which for a grammar of
-//   nested optional rules inside a repetition is exponential in the piece
-//   length while the stack count stays small.
+//   counted: it explores every reading of a piece, which for a repetition
+//   of something that can match nothing is exponential in the piece length
+//   while the stack count stays small; xybrid.grammar.validate_grammar
+//   refuses those grammars before they get here.
 // - Strict UTF-8. llama.cpp decodes token pieces leniently: a lead byte
 //   F5..FF, an overlong form (C0 80, E0 80 80), a UTF-16 surrogate (ED A0 80)
 //   or a code point past U+10FFFF passes any "." or negated class, and the
@@ -192,11 +193,8 @@ struct xy_grammar {
     std::string text;
     std::string root;
     size_t max_stacks;
-    uint64_t max_work;  // reserved: a bound on one apply's work is not enforced yet
     llama_grammar *grammar;
     uint8_t utf8;  // automaton state after the accepted pieces
-    uint64_t last_work = 0;  // what the last apply spent
-    uint64_t peak_work = 0;  // the most one apply has spent
 };
 
 // The piece llama.cpp's grammar matches for a token (special tokens as text).
@@ -358,9 +356,9 @@ llama_sampler_i xy_grammar_iface = {
 };
 
 llama_sampler *grammar_init(const llama_vocab *vocab, const char *text, const char *root, size_t max_stacks,
-                            uint64_t max_work, int64_t *n_stacks) {
+                            int64_t *n_stacks) {
     *n_stacks = -1;
-    auto *g = new xy_grammar{vocab, text, root, max_stacks, max_work, nullptr, U8_START};
+    auto *g = new xy_grammar{vocab, text, root, max_stacks, nullptr, U8_START};
     llama_sampler *smpl = nullptr;
     try {
         g->grammar = build_grammar(vocab, g->text, g->root);
@@ -444,20 +442,18 @@ llama_token xy_sample(llama_sampler *chain, llama_sampler *grammar, llama_contex
 }
 
 llama_sampler *xy_grammar_init(const llama_vocab *vocab, const char *grammar, const char *root,
-                               int64_t max_stacks, int64_t max_work, int64_t *n_stacks) {
+                               int64_t max_stacks, int64_t *n_stacks) {
     *n_stacks = -1;
-    if (max_stacks < 1 || max_work < 1) return nullptr;
+    if (max_stacks < 1) return nullptr;
     return guarded("grammar", (llama_sampler *)nullptr, [&] {
-        return grammar_init(vocab, grammar, root, (size_t)max_stacks, (uint64_t)max_work, n_stacks);
+        return grammar_init(vocab, grammar, root, (size_t)max_stacks, n_stacks);
     });
 }
 
-int xy_grammar_stats(llama_sampler *grammar, int64_t *n_stacks, int64_t *last_work, int64_t *peak_work) {
+int xy_grammar_stats(llama_sampler *grammar, int64_t *n_stacks) {
     if (grammar == nullptr || grammar->iface != &xy_grammar_iface) return -1;
     const auto *g = (const xy_grammar *)grammar->ctx;
     *n_stacks = (int64_t)g->grammar->stacks.size();
-    *last_work = (int64_t)g->last_work;
-    *peak_work = (int64_t)g->peak_work;
     return 0;
 }
 

@@ -28,19 +28,15 @@ extern "C" {
 llama_token xy_sample(struct llama_sampler *chain, struct llama_sampler *grammar,
                       struct llama_context *ctx, int32_t idx, llama_token_data *cur,
                       int32_t n_vocab, int argmax);
-/* A grammar stage (llama.cpp's grammar with the parse-stack and work bounds
- * and strict UTF-8 pieces, see xy_shim.cpp); NULL when llama.cpp refuses or
+/* A grammar stage (llama.cpp's grammar with the parse-stack bound and
+ * strict UTF-8 pieces, see xy_shim.cpp); NULL when llama.cpp refuses or
  * throws, or when the grammar starts with more than max_stacks parse stacks.
- * max_work bounds the work units of one candidate rejection. *n_stacks:
- * the stacks it starts with, -1 when it was not built. */
+ * *n_stacks: the stacks it starts with, -1 when it was not built. */
 struct llama_sampler *xy_grammar_init(const struct llama_vocab *vocab, const char *grammar,
-                                      const char *root, int64_t max_stacks, int64_t max_work,
-                                      int64_t *n_stacks);
-/* A stage from xy_grammar_init: its parse stacks now, the work units its last
- * candidate rejection spent and the most one spent. 0, or -1 for any other
- * sampler. */
-int xy_grammar_stats(struct llama_sampler *grammar, int64_t *n_stacks, int64_t *last_work,
-                     int64_t *peak_work);
+                                      const char *root, int64_t max_stacks, int64_t *n_stacks);
+/* A stage from xy_grammar_init: its parse stacks now. 0, or -1 for any
+ * other sampler. */
+int xy_grammar_stats(struct llama_sampler *grammar, int64_t *n_stacks);
 /* 0, -1 when llama.cpp threw, -2 (xy_sampler_accept on a grammar stage) when
  * the token took the parse stacks past their bound. */
 int xy_sampler_accept(struct llama_sampler *smpl, llama_token token);
