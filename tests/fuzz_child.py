@@ -43,6 +43,14 @@ PROBE = "The quick brown fox"
 PROBE_IMAGE = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
 
 
+def record_failure(reply: dict[str, Any], exc: BaseException) -> None:
+    """Classify a failed request for the parent: a typed error is an outcome,
+    anything else is a finding. (The children of the other suites share it.)"""
+    typed = isinstance(exc, XybridError)
+    reply.update(outcome="xybrid" if typed else "untyped",
+                 error=f"{type(exc).__name__}: {exc}"[:300])
+
+
 def _array(spec: dict[str, Any]) -> Any:
     dtype = np.dtype(spec["dtype"])
     shape = tuple(spec["shape"])
@@ -123,11 +131,8 @@ def main() -> None:
                 backend.generate_raw(request["prompt"], gen)
             successes += 1
             check = successes % 10 == 0
-        except XybridError as exc:
-            reply.update(outcome="xybrid", error=f"{type(exc).__name__}: {exc}"[:300])
-            check = True
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as a finding
-            reply.update(outcome="untyped", error=f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, typed or not
+            record_failure(reply, exc)
             check = True
         if check and "media" in request:
             assert media_fresh is not None

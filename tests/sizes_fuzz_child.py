@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from xybrid import GenerationConfig, LlamaCppBackend, LlmConfig
-from xybrid.errors import XybridError
+from fuzz_child import record_failure  # beside this script
 
 PROBE = "The quick brown fox"
 
@@ -63,11 +63,8 @@ def main() -> None:
             run(path, request, reply)
             successes += 1
             check = successes % 10 == 0
-        except XybridError as exc:
-            reply.update(outcome="xybrid", error=f"{type(exc).__name__}: {exc}"[:300])
-            check = True
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as a finding
-            reply.update(outcome="untyped", error=f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, typed or not
+            record_failure(reply, exc)
             check = True
         if check:
             reply["fresh"] = reference_text(path) == reference

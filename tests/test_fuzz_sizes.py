@@ -19,8 +19,6 @@ Size: ``XYBRID_FUZZ_EXAMPLES`` as for tests/test_fuzz.py, but the default
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import pytest
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
-from test_fuzz import EXAMPLES, FUZZ, STATS, Child
+from test_fuzz import EXAMPLES, FUZZ, STATS, Child, _report  # noqa: F401 - autouse: writes this suite's counts
 
 from xybrid import LlmConfig
 from xybrid.errors import InvalidInputError
@@ -36,16 +34,6 @@ from xybrid.errors import InvalidInputError
 SUITE = "context and batch sizes"
 FIELDS = ("context_length", "n_batch", "n_ubatch", "parallel", "n_threads", "max_queued",
           "max_tokens")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
-    yield
-    path = os.environ.get("XYBRID_FUZZ_REPORT")
-    if path:
-        old = json.loads(Path(path).read_text()) if Path(path).exists() else {}
-        old.update(STATS)
-        Path(path).write_text(json.dumps(old, indent=2, sort_keys=True))
 
 
 @pytest.fixture(scope="module")
