@@ -502,12 +502,19 @@ def test_rss_stays_flat_over_2000_batched_requests(f32_path: Path) -> None:
 
     cfg = GenerationConfig(max_tokens=4, temperature=0.7, seed=1)
     with LlamaCppBackend(config(f32_path, parallel=8, context_length=1024)) as b:
-        b.generate_batch(PROMPTS * 25, cfg, raw=True)  # warm up allocators and caches
-        start = rss()
-        for _ in range(9):
+        for _ in range(3):  # warm up allocators, thread arenas and caches
             b.generate_batch(PROMPTS * 25, cfg, raw=True)
-        grown = rss() - start
-    assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB over 1,800 requests"
+        readings = [rss()]
+        for half in range(2):
+            for _ in range(5):
+                b.generate_batch(PROMPTS * 25, cfg, raw=True)
+            readings.append(rss())
+    # A leak grows with every request, in both halves of the 2,000; glibc can
+    # still step RSS up once when a thread's arena grows, which a suite that
+    # has run for minutes makes likelier: one half may hold such a step.
+    halves = [readings[1] - readings[0], readings[2] - readings[1]]
+    assert min(halves) < 4 * 1024 * 1024, (
+        f"RSS grew in both halves of 2,000 requests: {[round(h / 2**20, 1) for h in halves]} MiB")
 
 
 def test_engine_scheduler_refuses_misuse(f32_path: Path) -> None:
