@@ -425,20 +425,29 @@ llama_token sample(llama_sampler *chain, llama_sampler *grammar, llama_context *
     return id;
 }
 
+// guarded(), with a passed grammar bound answered by `too_complex` (the
+// caller's "grammar too complex" code) instead of the generic failure.
+template <typename R, typename F>
+R grammar_bounded(const char *where, R failed, R too_complex, F &&f) noexcept {
+    return guarded(where, failed, [&]() -> R {
+        try {
+            return f();
+        } catch (const stack_bound_exceeded &e) {
+            report("grammar", e.what());
+            return too_complex;
+        }
+    });
+}
+
 }  // namespace
 
 extern "C" {
 
 llama_token xy_sample(llama_sampler *chain, llama_sampler *grammar, llama_context *ctx, int32_t idx,
                       llama_token_data *cur, int32_t n_vocab, int argmax) {
-    return guarded("sampling", (llama_token)XY_SAMPLE_EXCEPTION, [&] {
-        try {
-            return sample(chain, grammar, ctx, idx, cur, n_vocab, argmax);
-        } catch (const stack_bound_exceeded &e) {
-            report("grammar", e.what());
-            return (llama_token)XY_SAMPLE_GRAMMAR_TOO_COMPLEX;
-        }
-    });
+    return grammar_bounded("sampling", (llama_token)XY_SAMPLE_EXCEPTION,
+                           (llama_token)XY_SAMPLE_GRAMMAR_TOO_COMPLEX,
+                           [&] { return sample(chain, grammar, ctx, idx, cur, n_vocab, argmax); });
 }
 
 llama_sampler *xy_grammar_init(const llama_vocab *vocab, const char *grammar, const char *root,
@@ -458,25 +467,15 @@ int xy_grammar_stats(llama_sampler *grammar, int64_t *n_stacks) {
 }
 
 int xy_sampler_accept(llama_sampler *smpl, llama_token token) {
-    return guarded("sampler accept", -1, [&] {
-        try {
-            llama_sampler_accept(smpl, token);
-        } catch (const stack_bound_exceeded &e) {
-            report("grammar", e.what());
-            return -2;
-        }
+    return grammar_bounded("sampler accept", -1, -2, [&] {
+        llama_sampler_accept(smpl, token);
         return 0;
     });
 }
 
 int xy_sampler_apply(llama_sampler *smpl, llama_token_data_array *cur) {
-    return guarded("sampler apply", -1, [&] {
-        try {
-            llama_sampler_apply(smpl, cur);
-        } catch (const stack_bound_exceeded &e) {
-            report("grammar", e.what());
-            return -2;
-        }
+    return grammar_bounded("sampler apply", -1, -2, [&] {
+        llama_sampler_apply(smpl, cur);
         return 0;
     });
 }
