@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=50, help="calls between RSS readings")
     ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     ap.add_argument("--gemma", action="store_true", help="add generate_gemma (1,000 Gemma calls, minutes)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="folder for <timestamp>.{json,md} and latest.{json,md} (default: %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
