@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 
 PROMPT = "The three primary colours are"
 STEPS = 8
@@ -38,7 +39,15 @@ def log_softmax_top(logits: list[float], top: int) -> tuple[list[tuple[int, floa
     return [(t, logits[t] - log_norm) for t in order], {t: logits[t] - log_norm for t in range(len(logits))}
 
 
-def run(tokens_after_prompt: list[int] | None) -> dict[str, object]:
+@dataclass
+class Run:
+    variant: str
+    tokens: list[int] = field(default_factory=list)  # fed after the prompt
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, likeliest first
+    every: list[dict[int, float]] = field(default_factory=list)  # per step, every token
+
+
+def run(tokens_after_prompt: list[int] | None) -> Run:
     from xybrid import default_model_path
     from xybrid._native import _engine as e
 
@@ -48,16 +57,16 @@ def run(tokens_after_prompt: list[int] | None) -> dict[str, object]:
     prompt = model.tokenize(PROMPT, add_special=True)
     ctx.decode(prompt)
     pos = len(prompt)
-    fed: list[int] = []
-    steps: list[dict[str, object]] = []
+    out = Run(variant=e.cpu_backend()["variant"] or "built-in")
     for k in range(STEPS):
         top, every = log_softmax_top(ctx.logits(), TOP)
-        steps.append({"top": top, "every": every})
+        out.tops.append(top)
+        out.every.append(every)
         token = top[0][0] if tokens_after_prompt is None else tokens_after_prompt[k]
-        fed.append(token)
+        out.tokens.append(token)
         ctx.decode([token], pos0=pos)
         pos += 1
-    return {"variant": e.cpu_backend()["variant"] or "built-in", "prompt": prompt, "tokens": fed, "steps": steps}
+    return out
 
 
 def main() -> int:
@@ -71,31 +80,30 @@ def main() -> int:
     if opts.out:
         got = run(None)
         with open(opts.out, "w") as f:
-            json.dump({"variant": got["variant"], "tokens": got["tokens"],
-                       "steps": [s["top"] for s in got["steps"]]}, f)  # type: ignore[index]
-        print(f"reference: variant {got['variant']}, tokens {got['tokens']}")
+            json.dump({"variant": got.variant, "tokens": got.tokens, "steps": got.tops}, f)
+        print(f"reference: variant {got.variant}, tokens {got.tokens}")
         return 0
 
     with open(opts.compare) as f:
         ref = json.load(f)
     got = run(ref["tokens"])
     worst = 0.0
-    for k, (ref_top, step) in enumerate(zip(ref["steps"], got["steps"])):  # type: ignore[arg-type]
-        every = step["every"]
+    for k, ref_top in enumerate(ref["steps"]):
+        every = got.every[k]
         for token, ref_lp in ref_top:
             diff = abs(every[token] - ref_lp)
             worst = max(worst, diff)
             if diff > opts.tolerance:
-                print(f"variant {got['variant']} against {ref['variant']}: step {k}, token {token}: "
+                print(f"variant {got.variant} against {ref['variant']}: step {k}, token {token}: "
                       f"log-probability {every[token]:.4f}, reference {ref_lp:.4f}", file=sys.stderr)
                 return 1
-        first = step["top"][0][0]
+        first = got.tops[k][0][0]
         near_first = {t for t, lp in ref_top if lp >= ref_top[0][1] - opts.tolerance}
         if first not in near_first:
-            print(f"variant {got['variant']} against {ref['variant']}: step {k}: top token {first}, "
+            print(f"variant {got.variant} against {ref['variant']}: step {k}: top token {first}, "
                   f"the reference's is {ref_top[0][0]}", file=sys.stderr)
             return 1
-    print(f"variant {got['variant']} matches {ref['variant']} over {len(ref['steps'])} steps "
+    print(f"variant {got.variant} matches {ref['variant']} over {len(ref['steps'])} steps "
           f"(largest log-probability change {worst:.5f})")
     return 0
 
