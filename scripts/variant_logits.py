@@ -15,13 +15,15 @@ The reference run decodes the prompt, then 8 greedy tokens, and keeps the top
 by more than ``--tolerance`` or its top token is not one the reference ranked
 first within that tolerance. The default, 1 nat, is loose on purpose: the
 x64, sse42, haswell and icelake variants differ by up to about 0.4 nats on
-Gemma 3 270M's ten likeliest tokens, while a broken kernel moves them by many. Run it with the python of an environment that has
-xybrid installed, outside the source tree.
+Gemma 3 270M's ten likeliest tokens, while a broken kernel moves them by many.
+Run it with the python of an environment that has xybrid installed, outside
+the source tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import sys
@@ -32,11 +34,14 @@ STEPS = 8
 TOP = 10
 
 
-def log_softmax_top(logits: list[float], top: int) -> tuple[list[tuple[int, float]], dict[int, float]]:
+def log_softmax(logits: list[float]) -> list[float]:
     peak = max(logits)
     log_norm = peak + math.log(sum(math.exp(x - peak) for x in logits))
-    order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)[:top]
-    return [(t, logits[t] - log_norm) for t in order], {t: logits[t] - log_norm for t in range(len(logits))}
+    return [x - log_norm for x in logits]
+
+
+def likeliest(logprobs: list[float], top: int) -> list[tuple[int, float]]:
+    return [(t, logprobs[t]) for t in heapq.nlargest(top, range(len(logprobs)), key=logprobs.__getitem__)]
 
 
 @dataclass
@@ -44,7 +49,7 @@ class Run:
     variant: str
     tokens: list[int] = field(default_factory=list)  # fed after the prompt
     tops: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, likeliest first
-    every: list[dict[int, float]] = field(default_factory=list)  # per step, every token
+    every: list[list[float]] = field(default_factory=list)  # per step, by token id
 
 
 def run(tokens_after_prompt: list[int] | None) -> Run:
@@ -59,7 +64,8 @@ def run(tokens_after_prompt: list[int] | None) -> Run:
     pos = len(prompt)
     out = Run(variant=e.cpu_backend()["variant"] or "built-in")
     for k in range(STEPS):
-        top, every = log_softmax_top(ctx.logits(), TOP)
+        every = log_softmax(ctx.logits())
+        top = likeliest(every, TOP)
         out.tops.append(top)
         out.every.append(every)
         token = top[0][0] if tokens_after_prompt is None else tokens_after_prompt[k]
